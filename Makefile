@@ -1,0 +1,44 @@
+# Developer entry points. `make test` is what CI runs (through .ci/run).
+PYTHON ?= python3
+PY := .venv/bin/python
+PROTO_DIR := src/deviceapi/proto
+PROTOS := $(PROTO_DIR)/device/v1alpha1/gpu.proto $(PROTO_DIR)/device/v1alpha1/provider.proto
+
+.PHONY: proto test lint run bench chaos tools
+
+# The virtual environment, rebuilt when the dependencies change.
+.venv/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,dev]"
+	touch $@
+
+# Real tools the tests drive (helm, promtool, grpcurl): see scripts/install-tools.sh.
+tools: .venv/.installed
+	bash scripts/install-tools.sh
+
+# Regenerate the committed stubs (protobuf messages, .pyi, grpclib services). The imports are
+# rewritten to live under deviceapi.proto so the .proto file names stay those of the reference
+# server (device/v1alpha1/gpu.proto), which reflection clients see.
+proto: export PATH := $(abspath .venv/bin):$(PATH)
+proto:
+	$(PY) -m grpc_tools.protoc -I $(PROTO_DIR) \
+		--python_out=$(PROTO_DIR) --mypy_out=$(PROTO_DIR) --grpclib_python_out=$(PROTO_DIR) $(PROTOS)
+	sed -i 's/^from device\.v1alpha1 import/from deviceapi.proto.device.v1alpha1 import/; s/^import device\.v1alpha1\./import deviceapi.proto.device.v1alpha1./; s/\([[ ,]\)device\.v1alpha1\./\1deviceapi.proto.device.v1alpha1./g' \
+		$(PROTO_DIR)/device/v1alpha1/*_pb2.py $(PROTO_DIR)/device/v1alpha1/*_pb2.pyi $(PROTO_DIR)/device/v1alpha1/*_grpc.py
+
+test: .venv/.installed tools
+	$(PY) -m pytest -q
+
+lint: .venv/.installed
+	$(PY) -m ruff check src tests bench
+	$(PY) -m mypy
+
+run: .venv/.installed
+	$(PY) -m deviceapi --simulate 8 --unix-socket /tmp/device-api/device.sock
+
+bench:
+	$(PY) -m bench.run
+
+chaos:
+	$(PY) -m bench.chaos
