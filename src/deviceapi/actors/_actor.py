@@ -80,6 +80,9 @@ class Actor(abc.ABC, Generic[M]):
     async def handle(self, message: M) -> None:
         """Process one message. Resolve its reply (if any) before returning."""
 
+    def message_done(self, message: M) -> None:
+        """Called after every received message, handled or lost to a crash (bookkeeping)."""
+
     async def terminate(self, reason: BaseException | None) -> None:
         """Clean up after the loop ends (``reason`` is None on a normal exit)."""
 
@@ -110,11 +113,13 @@ class Actor(abc.ABC, Generic[M]):
                 message = await self.mailbox.receive()
             except MailboxClosed:
                 return
-            if self._faults is not None:
-                await self._faults.before_message(self.name)
             try:
+                if self._faults is not None:
+                    await self._faults.before_message(self.name)
                 await self.handle(message)
             except BaseException as exc:
                 if isinstance(message, ExpectsReply) and not isinstance(exc, ActorExit):
                     message.reply.resolve(outcome.Error(ActorCrashed(self.name)))
                 raise
+            finally:
+                self.message_done(message)

@@ -1,0 +1,80 @@
+"""``device-api-server``: parse flags, set up logging, run the server until a signal.
+
+Exit codes: 0 after a graceful shutdown, 2 for invalid flags or configuration, 1 when the
+server could not start (e.g. the socket path is unusable) or its supervision tree gave up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import trio
+
+from ._config import Config, ConfigError, parse_config
+from ._logging import configure_logging
+
+log = logging.getLogger("deviceapi.main")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config, check_only = parse_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"device-api-server: {exc}", file=sys.stderr)
+        return 2
+    if check_only:
+        print(json.dumps(config.as_dict(), indent=2, sort_keys=True))
+        return 0
+    configure_logging(config.log_format, config.verbosity)
+    try:
+        trio.run(serve, config)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # startup failures and escalations: one clear line, no traceback
+        log.error("server stopped", extra={"reason": _describe(exc)})
+        return 1
+    return 0
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _describe(exc.exceptions[0])
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def serve(config: Config) -> None:
+    """Run one server until SIGTERM/SIGINT, then shut down gracefully (SPEC §6).
+
+    A second signal during shutdown exits at once.
+    """
+    from ._app import open_runtime  # imported here so --help and --check-config stay fast
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_runtime(config) as runtime:
+            log.info("server started", extra={"reason": "serving"})
+            async for signum in signals:
+                log.info("signal received; shutting down",
+                         extra={"reason": signal.Signals(signum).name})
+                break
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_second_signal, signals, runtime.grpc.remove_socket)
+                await runtime.shutdown()
+                nursery.cancel_scope.cancel()
+    log.info("server stopped", extra={"reason": "shutdown complete"})
+
+
+async def _second_signal(signals: AsyncIterator[int], remove_socket: Callable[[], None]) -> None:
+    async for signum in signals:
+        log.warning("second signal; exiting now", extra={"reason": signal.Signals(signum).name})
+        remove_socket()
+        logging.shutdown()
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

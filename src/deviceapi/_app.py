@@ -1,0 +1,159 @@
+"""The runtime: owns the asyncio-on-trio loop, the core state, and the root supervision tree.
+
+    root (one_for_one)
+    ├── core (rest_for_one): cache_owner → readiness_timer → heartbeat_monitor → watch_janitor
+    ├── grpc (the listeners; a crash restarts them on the same socket path)
+    └── providers (one_for_one, optional): simulator, nvml poller
+
+``open_runtime`` yields a started :class:`Runtime`: started means every listener is bound and
+every actor is serving. ``Runtime.shutdown`` runs SPEC §6's graceful sequence; leaving the
+context without it cancels everything (the forced path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from ._config import Config
+from .actors import FaultHook
+from .actors.cache_owner import CacheOwner
+from .actors.core import Core, Observer
+from .actors.provider_session import run_heartbeat_monitor
+from .actors.readiness import run_readiness_timer
+from .actors.watcher import run_watch_janitor
+from .client.trio_client import TrioProviderClient
+from .sim import SimulatedProvider
+from .supervisors import ChildSpec, Supervisor
+from .transport import _bridge
+from .transport.grpc_server import GrpcServer, Listeners, MappingWrapper
+
+log = logging.getLogger("deviceapi.app")
+
+
+
+@dataclasses.dataclass(slots=True)
+class Runtime:
+    """Handles to one running server (tests, the CLI and the chaos kit use these)."""
+
+    config: Config
+    core: Core
+    grpc: GrpcServer
+    listeners: Listeners
+    root: Supervisor
+    cancel_scope: trio.CancelScope
+
+    async def shutdown(self) -> None:
+        """SPEC §6: not ready → shutdown-delay → stop accepting → end watches with OK → let
+        in-flight calls finish within shutdown-timeout → force close → stop the providers."""
+        config = self.config
+        log.info("shutdown: not ready", extra={"reason": "shutdown requested"})
+        self.core.gate.begin_shutdown()
+        await trio.sleep(config.shutdown_delay)
+        log.info("shutdown: closing listeners and watch streams")
+        self.grpc.stop_accepting()
+        self.core.hub.close_all()
+        with trio.move_on_after(config.shutdown_timeout) as waited:
+            await self.grpc.wait_idle()
+        if waited.cancelled_caught:
+            log.warning("shutdown: in-flight calls did not finish in time; forcing close",
+                        extra={"reason": f"{self.grpc.in_flight} calls"})
+        await self.grpc.close()
+        self.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_runtime(
+    config: Config,
+    *,
+    faults: FaultHook | None = None,
+    observer: Observer | None = None,
+    grpc_wrappers: list[MappingWrapper] | None = None,
+) -> AsyncIterator[Runtime]:
+    """Start a whole server inside the current trio run; yields once it is serving."""
+    async with _bridge.open_loop():
+        core = Core.build(config, observer)
+        grpc = GrpcServer(core, config, grpc_wrappers or [])
+        owner = CacheOwner(core.store, faults=faults)
+
+        core_tree = Supervisor(
+            "core",
+            [
+                ChildSpec("cache_owner", owner.run),
+                ChildSpec("readiness_timer", _bind(run_readiness_timer, core.gate),
+                          restart="transient"),
+                ChildSpec("heartbeat_monitor",
+                          _bind(run_heartbeat_monitor, core.sessions, core.store.write)),
+                ChildSpec("watch_janitor",
+                          _bind(run_watch_janitor, core.hub, config.slow_subscriber_timeout)),
+            ],
+            strategy="rest_for_one",
+            max_restarts=10,
+            period=5.0,
+        )
+        listeners_box: list[Listeners] = []
+
+        async def run_grpc(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                           ) -> None:
+            async with trio.open_nursery() as nursery:
+                listeners_box.append(await nursery.start(grpc.run))
+                task_status.started()
+
+        children = [
+            ChildSpec("core", core_tree.run, type="supervisor", shutdown=float("inf")),
+            ChildSpec("grpc", run_grpc, shutdown=config.shutdown_timeout + 5),
+        ]
+        provider_specs = _provider_children(config, lambda: listeners_box[-1])
+        if provider_specs:
+            children.append(ChildSpec(
+                "providers",
+                Supervisor("providers", provider_specs, max_restarts=5, period=30.0).run,
+                type="supervisor", shutdown=float("inf")))
+        root = Supervisor("root", children, strategy="one_for_one", max_restarts=3, period=5.0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(root.run)
+            runtime = Runtime(config, core, grpc, listeners_box[-1], root, nursery.cancel_scope)
+            try:
+                yield runtime
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+def _bind(fn: Callable[..., Awaitable[None]], *args: object) -> Callable[..., Awaitable[None]]:
+    """A start function for a ChildSpec from a task function and its leading arguments."""
+
+    async def start(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await fn(*args, task_status=task_status)
+
+    return start
+
+
+async def connect_loopback(listeners: Listeners) -> TrioProviderClient:
+    """How an in-process provider reaches this server: through the public API."""
+    if listeners.unix_socket:
+        return await TrioProviderClient.connect(unix_socket=listeners.unix_socket)
+    return await TrioProviderClient.connect(address=f"127.0.0.1:{listeners.tcp_port}")
+
+
+def _provider_children(config: Config, listeners: Callable[[], Listeners]) -> list[ChildSpec]:
+    """Built-in providers (each a transient child that reaches the server over loopback)."""
+    specs: list[ChildSpec] = []
+    if config.simulate:
+
+        async def simulator(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                            ) -> None:
+            api = await connect_loopback(listeners())
+            try:
+                provider = SimulatedProvider(
+                    api, config.simulate, heartbeat_interval=config.heartbeat_timeout / 3,
+                    flap_interval=config.simulate_flap_interval)
+                await provider.run(task_status=task_status)
+            finally:
+                api.close()
+
+        specs.append(ChildSpec("simulator", simulator, restart="transient"))
+    return specs

@@ -1,0 +1,513 @@
+"""The cache's state and its pure transitions: ``apply(state, command) -> (state', result, ...)``.
+
+Everything the CacheOwner does to the data happens here, as a plain function with no I/O, no
+clock (``now`` is passed in) and no mutation of its inputs. The owner commits the returned state
+in one step, so an exception anywhere in a transition leaves the cache exactly as it was.
+
+Stored ``Gpu`` messages are treated as immutable: a transition builds new messages and never
+touches a published one, so readers may hold a snapshot without copying it.
+
+Resource versions: every successful write increments the one global counter and stamps the
+written object with it; a transition that changes several GPUs (a provider's heartbeat timeout)
+takes one version per GPU, so every event has its own version and the history is contiguous.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from .._errors import Conflict, InvalidArgument, NotFound, ResourceExhausted
+from ..proto.device.v1alpha1.gpu_pb2 import Condition, Gpu, GpuSpec, GpuStatus, ObjectMeta
+
+EventType = Literal["ADDED", "MODIFIED", "DELETED"]
+
+NAME_MAX = 128
+CONDITION_TYPE_MAX = 128
+REASON_MAX = 256
+MESSAGE_MAX = 4096
+RECOMMENDED_ACTION_MAX = 4096
+NAMESPACE_MAX = 253
+PROVIDER_ID_MAX = 253
+CONDITION_STATUSES = frozenset({"True", "False", "Unknown"})
+
+#: The condition the server writes when a provider's heartbeat is overdue.
+READY = "Ready"
+HEARTBEAT_TIMEOUT_REASON = "ProviderHeartbeatTimeout"
+
+_NAME_RE = re.compile(r"(GPU|MIG)-[0-9A-Fa-f][0-9A-Fa-f-]*")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds of SPEC §4 that transitions enforce."""
+
+    max_gpus: int = 1024
+    max_conditions: int = 32
+    max_object_bytes: int = 65536
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """One change, as watchers see it. ``gpu`` carries the version the change was stamped with."""
+
+    type: EventType
+    gpu: Gpu
+
+    @property
+    def rv(self) -> int:
+        return self.gpu.resource_version
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class State:
+    """An immutable snapshot of the cache. The mappings are never mutated once built."""
+
+    rv: int = 0
+    gpus: Mapping[str, Gpu] = dataclasses.field(default_factory=dict)
+    #: GPU name → provider id of the provider that last wrote it (its owner).
+    owners: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: GPUs whose Ready condition is overridden because their provider's heartbeat is overdue:
+    #: name → the Ready condition the provider last wrote (None when it never wrote one).
+    masked: Mapping[str, Condition | None] = dataclasses.field(default_factory=dict)
+
+    def owned_by(self, provider: str) -> list[str]:
+        """Names of the GPUs ``provider`` owns, sorted."""
+        return sorted(name for name, owner in self.owners.items() if owner == provider)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Result:
+    """What a write answers: the stored object (None when gone), and create/delete flags."""
+
+    rv: int
+    gpu: Gpu | None = None
+    created: bool = False
+    deleted: bool = False
+
+
+# ---- commands: one closed union of frozen records --------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CreateGpu:
+    gpu: Gpu
+    provider: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RegisterGpu:
+    """ProviderService.RegisterGpu: an idempotent create from name, spec and initial status."""
+
+    name: str
+    spec: GpuSpec
+    status: GpuStatus
+    provider: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UpdateGpu:
+    gpu: Gpu
+    provider: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UpdateGpuStatus:
+    name: str
+    status: GpuStatus
+    expected_rv: int = 0
+    provider: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UpdateCondition:
+    """ProviderService.UpdateGpuCondition: upsert one condition by type, keep the others."""
+
+    name: str
+    condition: Condition
+    provider: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeleteGpu:
+    name: str
+    #: UnregisterGpu answers deleted=False instead of NOT_FOUND for a missing GPU.
+    missing_ok: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MaskProvider:
+    """A provider's heartbeat is overdue: its GPUs' Ready turns Unknown."""
+
+    provider: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UnmaskProvider:
+    """Heartbeats resumed: restore the Ready condition the provider last wrote."""
+
+    provider: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClaimGpus:
+    """A heartbeat names the GPUs its provider owns (existing GPUs only; no version bump)."""
+
+    provider: str
+    names: tuple[str, ...]
+
+
+Command = (
+    CreateGpu
+    | RegisterGpu
+    | UpdateGpu
+    | UpdateGpuStatus
+    | UpdateCondition
+    | DeleteGpu
+    | MaskProvider
+    | UnmaskProvider
+    | ClaimGpus
+)
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+
+def validate_name(name: str, what: str = "name") -> None:
+    """A GPU or MIG UUID: ``GPU-``/``MIG-`` then hex digits and dashes, at most 128 chars."""
+    if not name:
+        raise InvalidArgument(f"{what} is required")
+    if len(name) > NAME_MAX:
+        raise InvalidArgument(f"{what} is longer than {NAME_MAX} characters")
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidArgument(
+            f"{what} must be a GPU or MIG UUID (GPU-<hex> or MIG-<hex>), got {_quote(name)}"
+        )
+
+
+def validate_provider(provider: str) -> None:
+    if len(provider) > PROVIDER_ID_MAX or _CONTROL_RE.search(provider):
+        raise InvalidArgument(
+            f"provider id must be at most {PROVIDER_ID_MAX} printable characters"
+        )
+
+
+def validate_condition(condition: Condition) -> None:
+    if not condition.type:
+        raise InvalidArgument("condition type is required")
+    if len(condition.type) > CONDITION_TYPE_MAX or _CONTROL_RE.search(condition.type):
+        raise InvalidArgument(
+            f"condition type must be at most {CONDITION_TYPE_MAX} characters "
+            "without control characters"
+        )
+    if condition.status not in CONDITION_STATUSES:
+        raise InvalidArgument(
+            f"condition {condition.type!r}: status must be True, False or Unknown, "
+            f"got {_quote(condition.status)}"
+        )
+    if len(condition.reason) > REASON_MAX:
+        raise InvalidArgument(f"condition {condition.type!r}: reason exceeds {REASON_MAX} chars")
+    if len(condition.message) > MESSAGE_MAX:
+        raise InvalidArgument(
+            f"condition {condition.type!r}: message exceeds {MESSAGE_MAX} chars"
+        )
+
+
+def validate_status(status: GpuStatus, limits: Limits) -> None:
+    if len(status.conditions) > limits.max_conditions:
+        raise InvalidArgument(
+            f"{len(status.conditions)} conditions exceed the limit of {limits.max_conditions}"
+        )
+    seen: set[str] = set()
+    for condition in status.conditions:
+        validate_condition(condition)
+        if condition.type in seen:
+            raise InvalidArgument(f"condition type {condition.type!r} appears more than once")
+        seen.add(condition.type)
+    if len(status.recommended_action) > RECOMMENDED_ACTION_MAX:
+        raise InvalidArgument(f"recommended_action exceeds {RECOMMENDED_ACTION_MAX} chars")
+
+
+def parse_version(text: str, what: str = "resource_version") -> int:
+    """A decimal resource version string ("" means 0, i.e. unconditional / from now)."""
+    if not text:
+        return 0
+    if not text.isascii() or not text.isdigit():
+        raise InvalidArgument(f"{what} must be a non-negative decimal number, got {_quote(text)}")
+    value = int(text)
+    if value >= 2**63:
+        raise InvalidArgument(f"{what} is out of range")
+    return value
+
+
+def expected_version(gpu: Gpu) -> int:
+    """UpdateGpu's expected version: ``resource_version``, else ``metadata.resource_version``."""
+    if gpu.resource_version < 0:
+        raise InvalidArgument("resource_version must not be negative")
+    if gpu.resource_version:
+        return gpu.resource_version
+    return parse_version(gpu.metadata.resource_version, "metadata.resource_version")
+
+
+def _quote(text: str, limit: int = 64) -> str:
+    shown = text if len(text) <= limit else text[:limit] + "…"
+    return repr(shown)
+
+
+# ---- transitions -------------------------------------------------------------------------------
+
+
+def apply(state: State, command: Command, limits: Limits, now: Timestamp) -> tuple[
+    State, Result, list[Event]
+]:
+    """The one entry point: validate ``command`` against ``state`` and return the next state.
+
+    Raises a DeviceApiError (nothing changes) when the command is invalid or conflicts.
+    """
+    match command:
+        case CreateGpu(gpu=gpu, provider=provider):
+            validate_provider(provider)
+            return _create(state, _gpu_name(gpu), gpu.spec, gpu.status, gpu.metadata, provider,
+                           limits, now)
+        case RegisterGpu(name=name, spec=spec, status=status, provider=provider):
+            validate_provider(provider)
+            return _create(state, name, spec, status, ObjectMeta(name=name), provider, limits, now)
+        case UpdateGpu(gpu=gpu, provider=provider):
+            validate_provider(provider)
+            name = _gpu_name(gpu)
+            _check_spec(name, gpu.spec)
+            validate_status(gpu.status, limits)
+            current = _existing(state, name, expected_version(gpu))
+            return _write(state, name, _spec_or_default(name, gpu.spec), gpu.status, current,
+                          gpu.metadata.namespace, provider, limits, now)
+        case UpdateGpuStatus(name=name, status=status, expected_rv=expected, provider=provider):
+            validate_provider(provider)
+            validate_name(name)
+            if expected < 0:
+                raise InvalidArgument("resource_version must not be negative")
+            validate_status(status, limits)
+            current = _existing(state, name, expected)
+            return _write(state, name, current.spec, status, current,
+                          current.metadata.namespace, provider, limits, now)
+        case UpdateCondition(name=name, condition=condition, provider=provider):
+            validate_provider(provider)
+            validate_name(name)
+            validate_condition(condition)
+            current = _existing(state, name, 0)
+            status = _upsert_condition(current.status, condition, now)
+            validate_status(status, limits)
+            return _write(state, name, current.spec, status, current,
+                          current.metadata.namespace, provider, limits, now)
+        case DeleteGpu(name=name, missing_ok=missing_ok):
+            validate_name(name)
+            if name not in state.gpus and missing_ok:
+                return state, Result(rv=state.rv), []
+            current = _existing(state, name, 0)
+            return _delete(state, name, current)
+        case MaskProvider(provider=provider):
+            return _mask(state, provider, now)
+        case UnmaskProvider(provider=provider):
+            return _unmask(state, provider, now)
+        case ClaimGpus(provider=provider, names=names):
+            validate_provider(provider)
+            owners = dict(state.owners)
+            for name in names:
+                if name in state.gpus:
+                    owners[name] = provider
+            return dataclasses.replace(state, owners=owners), Result(rv=state.rv), []
+    raise AssertionError(f"unknown command {command!r}")  # pragma: no cover
+
+
+def _gpu_name(gpu: Gpu) -> str:
+    name = gpu.metadata.name
+    validate_name(name, "metadata.name")
+    return name
+
+
+def _check_spec(name: str, spec: GpuSpec) -> None:
+    if spec.uuid:
+        validate_name(spec.uuid, "spec.uuid")
+
+
+def _spec_or_default(name: str, spec: GpuSpec) -> GpuSpec:
+    """The spec to store: the given one, with the UUID defaulted to the name."""
+    return spec if spec.uuid else GpuSpec(uuid=name)
+
+
+def _existing(state: State, name: str, expected_rv: int) -> Gpu:
+    current = state.gpus.get(name)
+    if current is None:
+        raise NotFound(f"gpu {name!r} not found")
+    if expected_rv and expected_rv != current.resource_version:
+        raise Conflict(
+            f"gpu {name!r} is at resource version {current.resource_version}, "
+            f"not {expected_rv}; re-read and retry"
+        )
+    return current
+
+
+def _create(state: State, name: str, spec: GpuSpec, status: GpuStatus, meta: ObjectMeta,
+            provider: str, limits: Limits, now: Timestamp) -> tuple[State, Result, list[Event]]:
+    validate_name(name)
+    _check_spec(name, spec)
+    validate_status(status, limits)
+    if len(meta.namespace) > NAMESPACE_MAX:
+        raise InvalidArgument(f"metadata.namespace exceeds {NAMESPACE_MAX} characters")
+    existing = state.gpus.get(name)
+    if existing is not None:
+        # Idempotent: providers re-register after restarts and rely on this.
+        if provider and state.owners.get(name) != provider:
+            state = dataclasses.replace(state, owners={**state.owners, name: provider})
+        return state, Result(rv=existing.resource_version, gpu=existing, created=False), []
+    if len(state.gpus) >= limits.max_gpus:
+        raise ResourceExhausted(
+            f"the cache already holds the maximum of {limits.max_gpus} GPUs", "max_gpus"
+        )
+    rv = state.rv + 1
+    conditions = _stamp_conditions(None, status.conditions, now)
+    gpu = _build(name, _spec_or_default(name, spec), status, conditions, meta.namespace, rv)
+    _check_size(gpu, limits)
+    gpus = {**state.gpus, name: gpu}
+    owners: Mapping[str, str] = {**state.owners, name: provider} if provider else state.owners
+    new_state = dataclasses.replace(state, rv=rv, gpus=gpus, owners=owners)
+    return new_state, Result(rv=rv, gpu=gpu, created=True), [Event("ADDED", gpu)]
+
+
+def _write(state: State, name: str, spec: GpuSpec, status: GpuStatus, current: Gpu,
+           namespace: str, provider: str, limits: Limits,
+           now: Timestamp) -> tuple[State, Result, list[Event]]:
+    masked = state.masked
+    conditions = _stamp_conditions(current.status.conditions, status.conditions, now)
+    if name in masked:
+        # The provider's heartbeat is overdue: remember what it wrote for Ready, keep Unknown.
+        written_ready = next((c for c in conditions if c.type == READY), None)
+        server_ready = _ready_of(current)
+        assert server_ready is not None, "a masked GPU always carries the server's Ready"
+        masked = {**masked, name: written_ready}
+        conditions = [c for c in conditions if c.type != READY] + [server_ready]
+    rv = state.rv + 1
+    gpu = _build(name, spec, status, conditions, namespace, rv)
+    _check_size(gpu, limits)
+    gpus = {**state.gpus, name: gpu}
+    owners: Mapping[str, str] = {**state.owners, name: provider} if provider else state.owners
+    new_state = State(rv=rv, gpus=gpus, owners=owners, masked=masked)
+    return new_state, Result(rv=rv, gpu=gpu), [Event("MODIFIED", gpu)]
+
+
+def _delete(state: State, name: str, current: Gpu) -> tuple[State, Result, list[Event]]:
+    rv = state.rv + 1
+    last = Gpu()
+    last.CopyFrom(current)
+    last.resource_version = rv
+    last.metadata.resource_version = str(rv)
+    gpus = {k: v for k, v in state.gpus.items() if k != name}
+    owners = {k: v for k, v in state.owners.items() if k != name}
+    masked = {k: v for k, v in state.masked.items() if k != name}
+    new_state = State(rv=rv, gpus=gpus, owners=owners, masked=masked)
+    return new_state, Result(rv=rv, gpu=None, deleted=True), [Event("DELETED", last)]
+
+
+def _mask(state: State, provider: str, now: Timestamp) -> tuple[State, Result, list[Event]]:
+    """Override Ready with Unknown on the provider's GPUs, remembering what it had written."""
+    unknown = Condition(type=READY, status="Unknown", reason=HEARTBEAT_TIMEOUT_REASON,
+                        message=f"provider {provider!r} missed its heartbeat deadline")
+    masked = dict(state.masked)
+    changes: dict[str, Condition | None] = {}
+    for name in state.owned_by(provider):
+        if name not in masked:
+            masked[name] = _ready_of(state.gpus[name])
+            changes[name] = unknown
+    return _set_ready(state, masked, changes, now)
+
+
+def _unmask(state: State, provider: str, now: Timestamp) -> tuple[State, Result, list[Event]]:
+    """Put back the Ready condition the provider last wrote (or none, if it never wrote one)."""
+    masked = dict(state.masked)
+    changes = {name: masked.pop(name) for name in state.owned_by(provider) if name in masked}
+    return _set_ready(state, masked, changes, now)
+
+
+def _ready_of(gpu: Gpu) -> Condition | None:
+    return next((c for c in gpu.status.conditions if c.type == READY), None)
+
+
+def _set_ready(state: State, masked: dict[str, Condition | None],
+               changes: dict[str, Condition | None],
+               now: Timestamp) -> tuple[State, Result, list[Event]]:
+    """Set (None: remove) the Ready condition of each GPU in ``changes``, in name order, one
+    version and one MODIFIED event per GPU."""
+    gpus = dict(state.gpus)
+    rv = state.rv
+    events: list[Event] = []
+    for name in sorted(changes):
+        current = gpus[name]
+        conditions = [c for c in current.status.conditions if c.type != READY]
+        replacement = changes[name]
+        if replacement is not None:
+            conditions += _stamp_conditions(current.status.conditions, [replacement], now)
+        rv += 1
+        gpu = _build(name, current.spec, current.status, conditions, current.metadata.namespace,
+                     rv)
+        gpus[name] = gpu
+        events.append(Event("MODIFIED", gpu))
+    new_state = State(rv=rv, gpus=gpus, owners=state.owners, masked=masked)
+    return new_state, Result(rv=rv), events
+
+
+def _upsert_condition(status: GpuStatus, condition: Condition, now: Timestamp) -> GpuStatus:
+    """Replace the condition of the same type (or append it); the server owns its timestamp."""
+    incoming = Condition()
+    incoming.CopyFrom(condition)
+    incoming.ClearField("last_transition_time")
+    conditions = [c for c in status.conditions if c.type != condition.type]
+    position = next(
+        (i for i, c in enumerate(status.conditions) if c.type == condition.type),
+        len(conditions),
+    )
+    conditions.insert(position, incoming)
+    return GpuStatus(conditions=conditions, recommended_action=status.recommended_action)
+
+
+def _stamp_conditions(
+    previous: Iterable[Condition] | None, conditions: Iterable[Condition], now: Timestamp
+) -> list[Condition]:
+    """Copy ``conditions``, filling unset transition times: kept while a type's status is
+    unchanged, ``now`` when it changed or is new."""
+    before = {c.type: c for c in previous or ()}
+    stamped: list[Condition] = []
+    for condition in conditions:
+        copy = Condition()
+        copy.CopyFrom(condition)
+        if not copy.HasField("last_transition_time"):
+            old = before.get(copy.type)
+            if old is not None and old.status == copy.status and old.HasField(
+                "last_transition_time"
+            ):
+                copy.last_transition_time.CopyFrom(old.last_transition_time)
+            else:
+                copy.last_transition_time.CopyFrom(now)
+        stamped.append(copy)
+    return stamped
+
+
+def _build(name: str, spec: GpuSpec, status: GpuStatus, conditions: list[Condition],
+           namespace: str, rv: int) -> Gpu:
+    return Gpu(
+        metadata=ObjectMeta(name=name, resource_version=str(rv), namespace=namespace),
+        spec=spec,
+        status=GpuStatus(conditions=conditions, recommended_action=status.recommended_action),
+        resource_version=rv,
+    )
+
+
+def _check_size(gpu: Gpu, limits: Limits) -> None:
+    size = gpu.ByteSize()
+    if size > limits.max_object_bytes:
+        raise InvalidArgument(
+            f"gpu object is {size} bytes, over the limit of {limits.max_object_bytes}"
+        )

@@ -1,0 +1,75 @@
+"""The domain core: the long-lived state objects the actors and the transport share.
+
+Built once per runtime from the Config and handed to everything that needs it (no ambient
+state). Each piece outlives the tasks that act on it, so any actor can crash and restart
+without losing data: the CacheStore (snapshot, history, tickets), the WatchHub (subscriptions),
+the ReadinessGate, and the ProviderSessions (heartbeats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from .._config import Config
+from ._mailbox import Mailbox
+from ._store import Limits
+from .cache_owner import CacheStore, Write
+from .provider_session import ProviderSessions
+from .readiness import ReadinessGate
+from .watcher import WatchHub
+
+#: Writes queued for the CacheOwner before submitters get RESOURCE_EXHAUSTED.
+WRITE_QUEUE = 4096
+
+
+def _noop(_: str) -> None:
+    return None
+
+
+@dataclasses.dataclass(slots=True)
+class Observer:
+    """Push-style hooks for counters (metrics plug in here; defaults do nothing)."""
+
+    on_update: Callable[[str], None] = _noop
+    on_reject: Callable[[str], None] = _noop
+    on_watch_event: Callable[[str], None] = _noop
+
+
+@dataclasses.dataclass(slots=True)
+class Core:
+    config: Config
+    store: CacheStore
+    hub: WatchHub
+    gate: ReadinessGate
+    sessions: ProviderSessions
+    observer: Observer
+
+    @classmethod
+    def build(cls, config: Config, observer: Observer | None = None) -> Core:
+        """Wire the state objects; must run inside trio (the hub reads trio's clock)."""
+        limits = Limits(
+            max_gpus=config.max_gpus,
+            max_conditions=config.max_conditions,
+            max_object_bytes=config.max_object_bytes,
+        )
+        store = CacheStore(limits, config.watch_history, Mailbox[Write](WRITE_QUEUE))
+        hub = WatchHub(
+            read_state=lambda: store.state,
+            events_after=store.events_after,
+            max_watchers=config.max_watchers,
+            queue_size=config.watch_queue,
+            subscribe_rate=config.subscribe_rate,
+            subscribe_burst=config.subscribe_burst,
+        )
+        gate = ReadinessGate(config.min_gpus, config.provider_timeout)
+        store.add_listener(hub)
+        store.add_listener(gate)
+        return cls(
+            config=config,
+            store=store,
+            hub=hub,
+            gate=gate,
+            sessions=ProviderSessions(config.heartbeat_timeout),
+            observer=observer or Observer(),
+        )

@@ -1,0 +1,307 @@
+"""Watch subscriptions: snapshot-or-replay then live events, bounded, never with a hole.
+
+A :class:`Subscription` is one WatchGpus stream's state. It is created by :class:`WatchHub`
+*synchronously* inside one step that also reads the published snapshot (or the history), so the
+initial events and the live ones join with no gap and no duplicate: commits are synchronous too,
+and nothing can run between the two.
+
+The hub is a commit listener: on every commit it offers each event to each subscription with a
+non-blocking append. A subscription whose live queue is full is evicted on the spot; one whose
+consumer has not accepted an event for the slow-subscriber timeout is evicted by the
+:func:`run_watch_janitor` task. An evicted stream ends with RESOURCE_EXHAUSTED and the version
+to resume from, so a watcher never receives a stream with a hole in it, and one stalled client
+never delays anyone else (offering is O(1) and never waits).
+
+Design note (differs from ARCHITECTURE's one-actor-per-watcher sketch, same promises): the only
+timer a watcher needs is the stall deadline, so one janitor task checks all subscriptions and
+the consumer side (the gRPC handler) pulls events itself. State lives in the hub, so a crashed
+janitor is restarted without any stream noticing.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import trio
+
+from .._errors import OutOfRange, ResourceExhausted, Unavailable
+from ._store import Event, State
+
+log = logging.getLogger("deviceapi.watch")
+
+EndKind = Literal["evicted", "closed", "crashed"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """Why a subscription ended, and the version its client can resume from (0: relist)."""
+
+    kind: EndKind
+    reason: str
+    resume_rv: int
+
+    def message(self) -> str:
+        resume = (
+            f"resume with opts.resource_version={self.resume_rv}"
+            if self.resume_rv
+            else "relist and watch again"
+        )
+        if self.kind == "evicted":
+            return (f"watch evicted ({self.reason}): last delivered resource version "
+                    f"{self.resume_rv}; {resume}")
+        return f"watch ended ({self.reason}); {resume}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event queued for a subscriber, and the version it can resume from once it has it."""
+
+    event: Event
+    resume_rv: int
+
+
+class Subscription:
+    """One watcher's queue. Fed by the hub, drained by the stream handler.
+
+    The consumer loop: ``take()`` a batch, send it, ``delivered()`` it; when ``take()`` is empty
+    and ``end`` is None, wait for ``on_change``. ``on_change`` is called (synchronously) when
+    events arrive and when the subscription ends — including while the consumer is blocked in a
+    send, so it can abandon the send and end the stream.
+    """
+
+    def __init__(self, sub_id: int, capacity: int, backlog: list[Delivery], resume_rv: int,
+                 now: float) -> None:
+        self.id = sub_id
+        self._capacity = capacity
+        # Initial snapshot or replay: bounded by max GPUs / history size, not by the queue.
+        self._backlog = collections.deque(backlog)
+        self._live: collections.deque[Delivery] = collections.deque()
+        self.resume_rv = resume_rv
+        self.end: StreamEnd | None = None
+        self.on_change: Callable[[], None] | None = None
+        self._in_flight = 0
+        self._last_progress = now
+        self.delivered_events = 0
+
+    @property
+    def pending(self) -> int:
+        """Events queued or being sent."""
+        return len(self._backlog) + len(self._live) + self._in_flight
+
+    def take(self, limit: int) -> list[Delivery]:
+        """Up to ``limit`` events to send next (backlog first). Empty once ended."""
+        if self.end is not None:
+            return []
+        batch: list[Delivery] = []
+        for queue in (self._backlog, self._live):
+            while queue and len(batch) < limit:
+                batch.append(queue.popleft())
+        self._in_flight += len(batch)
+        return batch
+
+    def delivered(self, item: Delivery, now: float) -> None:
+        """The consumer handed ``item`` to the transport; it counts as accepted."""
+        self._in_flight -= 1
+        self.resume_rv = item.resume_rv
+        self._last_progress = now
+        self.delivered_events += 1
+
+    def stalled(self, now: float, timeout: float) -> bool:
+        return self.pending > 0 and now - self._last_progress >= timeout
+
+    def _offer(self, event: Event, now: float) -> bool:
+        """Queue a live event; False when the queue is full (the caller evicts)."""
+        if len(self._live) >= self._capacity:
+            return False
+        if self.pending == 0:
+            self._last_progress = now  # the stall clock starts when there is work to accept
+        self._live.append(Delivery(event, event.rv))
+        return True
+
+    def _finish(self, end: StreamEnd) -> None:
+        if self.end is None:
+            self.end = end
+            self._backlog.clear()
+            self._live.clear()
+            self._notify()
+
+    def _notify(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WatchStatistics:
+    active: int
+    subscribed_total: int
+    evictions: dict[str, int]
+    events_delivered: int
+
+
+class TokenBucket:
+    """Subscribe-rate limiter on trio's clock: ``rate`` tokens a second, at most ``burst``."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._stamp = now
+
+    def try_take(self, now: float) -> bool:
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+class WatchHub:
+    """All subscriptions; a commit listener of the CacheStore."""
+
+    def __init__(self, *, read_state: Callable[[], State],
+                 events_after: Callable[[int], list[Event] | None],
+                 max_watchers: int, queue_size: int, subscribe_rate: float,
+                 subscribe_burst: int) -> None:
+        self._read_state = read_state
+        self._events_after = events_after
+        self.max_watchers = max_watchers
+        self.queue_size = queue_size
+        self._bucket = TokenBucket(subscribe_rate, subscribe_burst, trio.current_time())
+        self._subs: dict[int, Subscription] = {}
+        self._ids = itertools.count(1)
+        self._subscribed_total = 0
+        self._evictions: collections.Counter[str] = collections.Counter()
+        self._delivered_closed = 0
+        self.on_evict: Callable[[str], None] | None = None
+        self._closed = False
+
+    def subscribe(self, from_rv: int) -> Subscription:
+        """Open a subscription: ADDED for every GPU (``from_rv == 0``) or a replay of every
+        event after ``from_rv``, then live events. Atomic with respect to commits."""
+        if self._closed:
+            raise Unavailable("server is shutting down")
+        if len(self._subs) >= self.max_watchers:
+            raise ResourceExhausted(
+                f"too many watchers (limit {self.max_watchers})", "max_watchers"
+            )
+        now = trio.current_time()
+        if not self._bucket.try_take(now):
+            raise ResourceExhausted(
+                f"watch subscribe rate exceeded ({self._bucket.rate:g}/s, "
+                f"burst {self._bucket.burst}); retry later",
+                "subscribe_rate",
+            )
+        state = self._read_state()
+        if from_rv == 0:
+            names = sorted(state.gpus)
+            backlog = [Delivery(Event("ADDED", state.gpus[n]), 0) for n in names]
+            if backlog:
+                backlog[-1] = Delivery(backlog[-1].event, state.rv)
+            resume_rv = 0 if backlog else state.rv
+        else:
+            if from_rv > state.rv:
+                raise OutOfRange(
+                    f"resource version {from_rv} is newer than the server's {state.rv} "
+                    "(server restarted?); relist"
+                )
+            replay = self._events_after(from_rv)
+            if replay is None:
+                raise OutOfRange(f"resource version {from_rv} is too old; relist")
+            backlog = [Delivery(e, e.rv) for e in replay]
+            resume_rv = from_rv
+        sub = Subscription(next(self._ids), self.queue_size, backlog, resume_rv, now)
+        self._subs[sub.id] = sub
+        self._subscribed_total += 1
+        log.debug("watch subscribed", extra={"watcher": sub.id, "resource_version": from_rv})
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """The stream is over (ended, cancelled or failed): free its slot and queue."""
+        if self._subs.pop(sub.id, None) is not None:
+            self._delivered_closed += sub.delivered_events
+            sub._finish(StreamEnd("closed", "client gone", sub.resume_rv))
+
+    def on_commit(self, state: State, events: Sequence[Event]) -> None:
+        if not events or not self._subs:
+            return
+        now = trio.current_time()
+        for sub in list(self._subs.values()):
+            if sub.end is not None:
+                continue
+            for event in events:
+                if not sub._offer(event, now):
+                    self.evict(sub, "queue_full")
+                    break
+            else:
+                sub._notify()
+
+    def evict(self, sub: Subscription, reason: str) -> None:
+        if sub.end is not None:
+            return
+        self._evictions[reason] += 1
+        log.warning("watch evicted", extra={"watcher": sub.id, "reason": reason,
+                                            "resource_version": sub.resume_rv})
+        if self.on_evict is not None:
+            self.on_evict(reason)
+        sub._finish(StreamEnd("evicted", reason, sub.resume_rv))
+
+    def evict_stalled(self, timeout: float) -> int:
+        now = trio.current_time()
+        stalled = [s for s in self._subs.values() if s.end is None and s.stalled(now, timeout)]
+        for sub in stalled:
+            self.evict(sub, "slow_subscriber")
+        return len(stalled)
+
+    def end(self, sub_id: int, kind: EndKind, reason: str) -> bool:
+        """End one stream with a resumable status (fault injection: 'crash a watcher')."""
+        sub = self._subs.get(sub_id)
+        if sub is None or sub.end is not None:
+            return False
+        sub._finish(StreamEnd(kind, reason, sub.resume_rv))
+        return True
+
+    def subscription_ids(self) -> list[int]:
+        return sorted(self._subs)
+
+    def close_all(self, reason: str = "server shutting down") -> None:
+        """Shutdown: every stream ends with OK; no new subscriptions."""
+        self._closed = True
+        for sub in list(self._subs.values()):
+            sub._finish(StreamEnd("closed", reason, sub.resume_rv))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def statistics(self) -> WatchStatistics:
+        return WatchStatistics(
+            active=len(self._subs),
+            subscribed_total=self._subscribed_total,
+            evictions=dict(self._evictions),
+            events_delivered=self._delivered_closed
+            + sum(s.delivered_events for s in self._subs.values()),
+        )
+
+
+async def run_watch_janitor(
+    hub: WatchHub,
+    timeout: float,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Evict subscriptions that have left an event unaccepted for ``timeout`` seconds.
+
+    Checks a few times per timeout period, so an eviction comes at most a quarter of the
+    timeout (capped at 1 s) late. Holds no state: a restart loses nothing.
+    """
+    interval = min(1.0, timeout / 4)
+    task_status.started()
+    while True:
+        await trio.sleep(interval)
+        hub.evict_stalled(timeout)

@@ -1,0 +1,127 @@
+"""``device-api``: a command-line consumer and provider of the Device API.
+
+    device-api list                   GPUs and their conditions (table, or -o json)
+    device-api get GPU-…              one GPU
+    device-api watch                  events as they happen (Ctrl-C to stop)
+    device-api set-condition GPU-… TYPE STATUS [--reason R] [--message M]
+
+Talks to the Unix socket by default (``--unix-socket``), or TCP with ``--address HOST:PORT``.
+Errors print the server's status and message on one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf import json_format
+from grpclib.exceptions import GRPCError
+
+from .client import DEFAULT_SOCKET, DeviceApiClient
+from .proto.device.v1alpha1 import gpu_pb2 as pb
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="device-api", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--unix-socket", default=os.environ.get("DEVICE_API_UNIX_SOCKET",
+                                                           DEFAULT_SOCKET),
+                   help="server socket (default: %(default)s)")
+    p.add_argument("--address", default="", help="HOST:PORT instead of the Unix socket")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("-o", "--output", choices=("table", "json"), default="table",
+                        help="output format (default: %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list GPUs", parents=[output])
+    get = sub.add_parser("get", help="show one GPU", parents=[output])
+    get.add_argument("name")
+    watch = sub.add_parser("watch", help="stream GPU events", parents=[output])
+    watch.add_argument("--resource-version", type=int, default=0,
+                       help="resume after this version (0: start with the current GPUs)")
+    watch.add_argument("--count", type=int, default=0, help="stop after N events (0: never)")
+    setc = sub.add_parser("set-condition", help="upsert one condition (ProviderService)",
+                          parents=[output])
+    setc.add_argument("name")
+    setc.add_argument("type")
+    setc.add_argument("status", choices=("True", "False", "Unknown"))
+    setc.add_argument("--reason", default="")
+    setc.add_argument("--message", default="")
+    setc.add_argument("--provider-id", default="device-api-cli")
+    return p
+
+
+def _as_dict(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _conditions(gpu: pb.Gpu) -> str:
+    return ",".join(f"{c.type}={c.status}" for c in gpu.status.conditions) or "-"
+
+
+def _table(gpus: Sequence[pb.Gpu]) -> str:
+    rows = [("NAME", "VERSION", "CONDITIONS")]
+    rows += [(g.metadata.name, str(g.resource_version), _conditions(g)) for g in gpus]
+    width = [max(len(r[i]) for r in rows) for i in range(2)]
+    return "\n".join(f"{r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]}" for r in rows)
+
+
+async def run(args: argparse.Namespace) -> int:
+    client = DeviceApiClient(unix_socket=args.unix_socket, address=args.address or None,
+                             timeout=args.timeout)
+    try:
+        if args.command == "list":
+            listing = await client.list()
+            if args.output == "json":
+                print(json.dumps(_as_dict(listing), indent=2))
+            else:
+                print(_table(listing.items))
+        elif args.command == "get":
+            gpu = await client.get(args.name)
+            print(json.dumps(_as_dict(gpu), indent=2) if args.output == "json"
+                  else _table([gpu]))
+        elif args.command == "watch":
+            seen = 0
+            async for event in client.watch(args.resource_version):
+                if args.output == "json":
+                    print(json.dumps({"type": event.type, "object": _as_dict(event.object)}),
+                          flush=True)
+                else:
+                    gpu = event.object
+                    print(f"{event.type:<9} {gpu.metadata.name}  rv={gpu.resource_version}  "
+                          f"{_conditions(gpu)}", flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+        elif args.command == "set-condition":
+            rv = await client.update_condition(
+                name=args.name, provider_id=args.provider_id,
+                condition=pb.Condition(type=args.type, status=args.status,
+                                       reason=args.reason, message=args.message))
+            print(f"{args.name}: {args.type}={args.status} (resource version {rv})")
+    except GRPCError as exc:
+        print(f"device-api: {exc.status.name}: {exc.message}", file=sys.stderr)
+        return 1
+    except (ConnectionError, OSError) as exc:
+        print(f"device-api: cannot reach the server: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

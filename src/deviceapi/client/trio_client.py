@@ -1,0 +1,53 @@
+"""The trio face of :class:`DeviceApiClient` for in-process providers (simulator, NVML poller).
+
+Each call crosses the bridge once. It implements the NVML poller's ``ProviderApi`` protocol, so
+the embedded provider and the sidecar talk to the server through the same public API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..proto.device.v1alpha1 import gpu_pb2 as pb
+from ..transport import _bridge
+from ._client import PROVIDER_SERVICE, DeviceApiClient
+
+
+class TrioProviderClient:
+    """Provider calls from trio code, over a real gRPC connection."""
+
+    def __init__(self, client: DeviceApiClient) -> None:
+        self.client = client
+
+    @classmethod
+    async def connect(cls, *, unix_socket: str | None = None, address: str | None = None,
+                      timeout: float | None = 30.0) -> TrioProviderClient:
+        """Build the connection inside the asyncio loop (grpclib binds to the running loop)."""
+
+        async def make() -> DeviceApiClient:
+            return DeviceApiClient(unix_socket=unix_socket, address=address, timeout=timeout)
+
+        return cls(await _bridge.aio_as_trio(make)())
+
+    async def wait_serving(self) -> None:
+        await _bridge.aio_as_trio(self.client.wait_serving)(PROVIDER_SERVICE)
+
+    async def register_gpu(self, *, name: str, provider_id: str,
+                           condition: pb.Condition) -> bool:
+        status = pb.GpuStatus(conditions=[condition])
+        created, _ = await _bridge.aio_as_trio(self.client.register_gpu)(
+            name=name, provider_id=provider_id, status=status)
+        return bool(created)
+
+    async def update_condition(self, *, name: str, provider_id: str,
+                               condition: pb.Condition) -> int:
+        rv = await _bridge.aio_as_trio(self.client.update_condition)(
+            name=name, provider_id=provider_id, condition=condition)
+        return int(rv)
+
+    async def heartbeat(self, *, provider_id: str, gpu_names: Sequence[str]) -> None:
+        await _bridge.aio_as_trio(self.client.heartbeat)(
+            provider_id=provider_id, gpu_names=list(gpu_names))
+
+    def close(self) -> None:
+        self.client.close()

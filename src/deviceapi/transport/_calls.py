@@ -1,0 +1,34 @@
+"""Asyncio-side helpers every handler uses: write through the CacheOwner, read-your-writes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..actors import Reply
+from ..actors._store import Command, Result
+from ..actors.core import Core
+from . import _bridge
+
+
+async def write(core: Core, command: Command) -> Result:
+    """Submit a write to the CacheOwner and wait for its result (the direct crossing)."""
+    return await _bridge.call(lambda reply: core.store.submit(command, reply))
+
+
+async def read_barrier(core: Core) -> None:
+    """Wait for the writes queued before this read; never for later ones."""
+    store = core.store
+    ticket = store.ticket()
+    if store.is_processed(ticket):
+        return
+
+    def wait_for_ticket(reply: Reply[None]) -> None:
+        store.add_ticket_waiter(ticket, reply)
+
+    await _bridge.call(wait_for_ticket)
+
+
+def provider_of(metadata: Any) -> str:
+    """The ``x-provider-id`` request header of a GpuService write ("" when absent)."""
+    value = metadata.get("x-provider-id", "") if metadata is not None else ""
+    return value if isinstance(value, str) else ""

@@ -1,0 +1,178 @@
+"""GpuService: thin handlers: decode, one call into the core, encode (SPEC sections 1 to 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from google.protobuf.empty_pb2 import Empty
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
+
+from .._errors import InvalidArgument, NotFound
+from ..actors import _store as store_ops
+from ..actors.core import Core
+from ..actors.watcher import StreamEnd, Subscription
+from ..proto.device.v1alpha1 import gpu_grpc
+from ..proto.device.v1alpha1 import gpu_pb2 as pb
+from ._calls import provider_of, read_barrier, write
+from ._limits import recv_request
+from ._status import rpc_errors
+
+SERVICE = "nvidia.device.v1alpha1.GpuService"
+#: Events a watch stream sends per wake-up before checking for new ones.
+WATCH_BATCH = 64
+
+
+class GpuService(gpu_grpc.GpuServiceBase):
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self._limit = core.config.max_receive_message_bytes
+
+    def _errors(self, method: str) -> contextlib.AbstractContextManager[None]:
+        return rpc_errors(f"{SERVICE}/{method}", self.core.observer.on_reject)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def GetGpu(self, stream: Stream[pb.GetGpuRequest, pb.GetGpuResponse]) -> None:
+        with self._errors("GetGpu"):
+            request = await recv_request(stream, self._limit)
+            self.core.gate.check_read()
+            store_ops.validate_name(request.name)
+            await read_barrier(self.core)
+            gpu = self.core.store.state.gpus.get(request.name)
+            if gpu is None:
+                raise NotFound(f"gpu {request.name!r} not found")
+        await stream.send_message(pb.GetGpuResponse(gpu=gpu))
+
+    async def ListGpus(self, stream: Stream[pb.ListGpusRequest, pb.ListGpusResponse]) -> None:
+        with self._errors("ListGpus"):
+            await recv_request(stream, self._limit)
+            self.core.gate.check_read()
+            await read_barrier(self.core)
+            state = self.core.store.state
+            items = [state.gpus[name] for name in sorted(state.gpus)]
+        await stream.send_message(pb.ListGpusResponse(gpu_list=pb.GpuList(
+            metadata=pb.ListMeta(resource_version=str(state.rv)), items=items)))
+
+    async def WatchGpus(self, stream: Stream[pb.WatchGpusRequest, pb.WatchGpusResponse]) -> None:
+        hub = self.core.hub
+        with self._errors("WatchGpus"):
+            request = await recv_request(stream, self._limit)
+            self.core.gate.check_read()
+            from_rv = store_ops.parse_version(request.opts.resource_version,
+                                              "opts.resource_version")
+            subscription = hub.subscribe(from_rv)
+        try:
+            end = await _pump(stream, subscription, self.core.observer.on_watch_event)
+        finally:
+            hub.unsubscribe(subscription)
+        if end.kind == "closed":
+            return  # server shutdown: the stream ends with OK
+        status = Status.RESOURCE_EXHAUSTED if end.kind == "evicted" else Status.UNAVAILABLE
+        raise GRPCError(status, end.message())
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def CreateGpu(self, stream: Stream[pb.CreateGpuRequest, pb.CreateGpuResponse]) -> None:
+        with self._errors("CreateGpu"):
+            request = await recv_request(stream, self._limit)
+            if not request.HasField("gpu"):
+                raise InvalidArgument("gpu is required")
+            provider = self._provider(stream)
+            result = await write(self.core, store_ops.CreateGpu(request.gpu, provider))
+            self.core.observer.on_update("create" if result.created else "create_existing")
+        await stream.send_message(pb.CreateGpuResponse(gpu=result.gpu, created=result.created))
+
+    async def UpdateGpu(self, stream: Stream[pb.UpdateGpuRequest, pb.UpdateGpuResponse]) -> None:
+        with self._errors("UpdateGpu"):
+            request = await recv_request(stream, self._limit)
+            if not request.HasField("gpu"):
+                raise InvalidArgument("gpu is required")
+            provider = self._provider(stream)
+            result = await write(self.core, store_ops.UpdateGpu(request.gpu, provider))
+            self.core.observer.on_update("update")
+        await stream.send_message(pb.UpdateGpuResponse(gpu=result.gpu))
+
+    async def UpdateGpuStatus(
+        self, stream: Stream[pb.UpdateGpuStatusRequest, pb.UpdateGpuStatusResponse]
+    ) -> None:
+        with self._errors("UpdateGpuStatus"):
+            request = await recv_request(stream, self._limit)
+            if not request.name:
+                raise InvalidArgument("name is required")
+            if not request.HasField("status"):
+                raise InvalidArgument("status is required")
+            provider = self._provider(stream)
+            result = await write(self.core, store_ops.UpdateGpuStatus(
+                request.name, request.status, request.resource_version, provider))
+            self.core.observer.on_update("update_status")
+        await stream.send_message(pb.UpdateGpuStatusResponse(gpu=result.gpu))
+
+    async def DeleteGpu(self, stream: Stream[pb.DeleteGpuRequest, Empty]) -> None:
+        with self._errors("DeleteGpu"):
+            request = await recv_request(stream, self._limit)
+            await write(self.core, store_ops.DeleteGpu(request.name))
+            self.core.observer.on_update("delete")
+        await stream.send_message(Empty())
+
+    def _provider(self, stream: Stream[Any, Any]) -> str:
+        provider = provider_of(stream.metadata)
+        store_ops.validate_provider(provider)
+        self.core.sessions.touch(provider)
+        return provider
+
+
+async def _pump(
+    stream: Stream[pb.WatchGpusRequest, pb.WatchGpusResponse],
+    subscription: Subscription,
+    on_event: Any,
+) -> StreamEnd:
+    """Send the subscription's events until it ends; return how it ended.
+
+    Sending runs in its own task so that an eviction can abandon a send that is blocked on a
+    client that stopped reading (HTTP/2 flow control) and still end the stream with a status.
+    A send failure (client gone) propagates; cancellation (client cancel) cancels the sender.
+    """
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[StreamEnd] = loop.create_future()
+    wakeup: asyncio.Future[None] | None = None
+
+    def on_change() -> None:
+        if subscription.end is not None:
+            if not ended.done():
+                ended.set_result(subscription.end)
+        elif wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    async def send_loop() -> None:
+        nonlocal wakeup
+        while True:
+            batch = subscription.take(WATCH_BATCH)
+            if not batch:
+                wakeup = loop.create_future()
+                await wakeup
+                continue
+            for item in batch:
+                event = item.event
+                await stream.send_message(pb.WatchGpusResponse(type=event.type, object=event.gpu))
+                subscription.delivered(item, loop.time())
+                on_event(event.type)
+
+    subscription.on_change = on_change
+    on_change()  # it may have ended already
+    sender = asyncio.ensure_future(send_loop())
+    try:
+        racers: list[asyncio.Future[Any]] = [sender, ended]
+        await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        subscription.on_change = None
+        if not sender.done():
+            sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({sender})
+    if not ended.done():
+        sender.result()  # the send failed: re-raise (client gone)
+    return ended.result()

@@ -1,0 +1,101 @@
+"""ProviderService: the older provider API (SPEC §1), plus Heartbeat (SPEC §4, beyond)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from grpclib.server import Stream
+
+from .._errors import InvalidArgument
+from ..actors import _store as store_ops
+from ..actors.core import Core
+from ..proto.device.v1alpha1 import provider_grpc
+from ..proto.device.v1alpha1 import provider_pb2 as pb
+from ._calls import write
+from ._limits import recv_request
+from ._status import rpc_errors
+
+SERVICE = "nvidia.device.v1alpha1.ProviderService"
+
+
+class ProviderService(provider_grpc.ProviderServiceBase):
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self._limit = core.config.max_receive_message_bytes
+
+    def _errors(self, method: str) -> contextlib.AbstractContextManager[None]:
+        return rpc_errors(f"{SERVICE}/{method}", self.core.observer.on_reject)
+
+    def _provider(self, provider: str) -> str:
+        store_ops.validate_provider(provider)
+        self.core.sessions.touch(provider)
+        return provider
+
+    async def RegisterGpu(
+        self, stream: Stream[pb.ProviderRegisterGpuRequest, pb.ProviderRegisterGpuResponse]
+    ) -> None:
+        with self._errors("RegisterGpu"):
+            r = await recv_request(stream, self._limit)
+            result = await write(self.core, store_ops.RegisterGpu(
+                r.name, r.spec, r.initial_status, self._provider(r.provider_id)))
+            self.core.observer.on_update("register" if result.created else "register_existing")
+        await stream.send_message(pb.ProviderRegisterGpuResponse(
+            created=result.created, resource_version=result.rv))
+
+    async def UnregisterGpu(
+        self, stream: Stream[pb.ProviderUnregisterGpuRequest, pb.ProviderUnregisterGpuResponse]
+    ) -> None:
+        with self._errors("UnregisterGpu"):
+            r = await recv_request(stream, self._limit)
+            result = await write(self.core, store_ops.DeleteGpu(r.name, missing_ok=True))
+            if result.deleted:
+                self.core.observer.on_update("unregister")
+        await stream.send_message(pb.ProviderUnregisterGpuResponse(deleted=result.deleted))
+
+    async def UpdateGpuStatus(
+        self,
+        stream: Stream[pb.ProviderUpdateGpuStatusRequest, pb.ProviderUpdateGpuStatusResponse],
+    ) -> None:
+        with self._errors("UpdateGpuStatus"):
+            r = await recv_request(stream, self._limit)
+            if not r.HasField("status"):
+                raise InvalidArgument("status is required")
+            result = await write(self.core, store_ops.UpdateGpuStatus(
+                r.name, r.status, 0, self._provider(r.provider_id)))
+            self.core.observer.on_update("update_status")
+        await stream.send_message(pb.ProviderUpdateGpuStatusResponse(resource_version=result.rv))
+
+    async def UpdateGpuCondition(
+        self,
+        stream: Stream[pb.ProviderUpdateGpuConditionRequest,
+                       pb.ProviderUpdateGpuConditionResponse],
+    ) -> None:
+        with self._errors("UpdateGpuCondition"):
+            r = await recv_request(stream, self._limit)
+            if not r.HasField("condition"):
+                raise InvalidArgument("condition is required")
+            result = await write(self.core, store_ops.UpdateCondition(
+                r.name, r.condition, self._provider(r.provider_id)))
+            self.core.observer.on_update("update_condition")
+        await stream.send_message(
+            pb.ProviderUpdateGpuConditionResponse(resource_version=result.rv))
+
+    async def Heartbeat(self, stream: Stream[pb.HeartbeatRequest, pb.HeartbeatResponse]) -> None:
+        with self._errors("Heartbeat"):
+            r = await recv_request(stream, self._limit)
+            if not r.provider_id:
+                raise InvalidArgument("provider_id is required")
+            provider = self._provider(r.provider_id)
+            names = tuple(r.gpu_names)
+            for name in names:
+                store_ops.validate_name(name, "gpu_names")
+            if names:
+                await write(self.core, store_ops.ClaimGpus(provider, names))
+            # Under trio-asyncio the loop's clock is trio's clock.
+            now = asyncio.get_running_loop().time()
+            unmask = self.core.sessions.heartbeat(provider, now)
+            if unmask is not None:
+                await write(self.core, unmask)
+        await stream.send_message(pb.HeartbeatResponse(acknowledged=True))
+
