@@ -18,9 +18,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import trio
+from prometheus_client import CollectorRegistry
 
+from . import __version__
 from ._config import Config
-from .actors import FaultHook
+from .actors import FaultHook, health
 from .actors.cache_owner import CacheOwner
 from .actors.core import Core, Observer
 from .actors.provider_session import run_heartbeat_monitor
@@ -31,6 +33,8 @@ from .sim import SimulatedProvider
 from .supervisors import ChildSpec, Supervisor
 from .transport import _bridge
 from .transport.grpc_server import GrpcServer, Listeners, MappingWrapper
+from .transport.http import health_app, metrics_app, serve_http
+from .transport.metrics import ServerMetrics
 
 log = logging.getLogger("deviceapi.app")
 
@@ -44,6 +48,8 @@ class Runtime:
     core: Core
     grpc: GrpcServer
     listeners: Listeners
+    http_ports: HttpPorts
+    metrics: ServerMetrics
     root: Supervisor
     cancel_scope: trio.CancelScope
 
@@ -66,6 +72,37 @@ class Runtime:
         self.cancel_scope.cancel()
 
 
+@dataclasses.dataclass(slots=True)
+class HttpPorts:
+    """The bound HTTP ports (they differ from the flags when those ask for port 0)."""
+
+    health: int = 0
+    metrics: int = 0
+
+
+def build_metrics(core: Core, metrics: ServerMetrics) -> None:
+    """Connect the metrics to the core: push hooks, readiness, and scrape-time refreshers."""
+    observer = core.observer
+    observer.on_update = metrics.count_update
+    observer.on_reject = metrics.count_rejected
+    observer.on_watch_event = metrics.count_watch_event
+    observer.on_evict = metrics.count_eviction
+    observer.on_heartbeat_timeout = lambda provider: metrics.count_heartbeat_timeout()
+    core.gate.add_listener(lambda state: metrics.set_readiness(state.value))
+    metrics.set_nvml_provider_enabled(False)
+
+    def refresh_core() -> None:
+        state = core.store.state
+        counts = health.count(state.gpus.values())
+        metrics.set_cache_gpus(total=counts.total, healthy=counts.healthy,
+                               unhealthy=counts.unhealthy, unknown=counts.unknown)
+        metrics.set_cache_resource_version(state.rv)
+        metrics.set_watch_streams_active(core.hub.statistics().active)
+        metrics.set_provider_sessions_active(core.sessions.statistics().active)
+
+    metrics.add_refresher(refresh_core)
+
+
 @asynccontextmanager
 async def open_runtime(
     config: Config,
@@ -77,8 +114,12 @@ async def open_runtime(
     """Start a whole server inside the current trio run; yields once it is serving."""
     async with _bridge.open_loop():
         core = Core.build(config, observer)
-        grpc = GrpcServer(core, config, grpc_wrappers or [])
-        owner = CacheOwner(core.store, faults=faults)
+        metrics = ServerMetrics(CollectorRegistry(), version=__version__, node=config.node_name)
+        build_metrics(core, metrics)
+        grpc = GrpcServer(core, config, [metrics.instrument, *(grpc_wrappers or [])])
+        owner = CacheOwner(core.store, faults=faults,
+                           on_update=lambda operation: core.observer.on_update(operation))
+        restarts = metrics.count_restart
 
         core_tree = Supervisor(
             "core",
@@ -94,6 +135,7 @@ async def open_runtime(
             strategy="rest_for_one",
             max_restarts=10,
             period=5.0,
+            on_restart=restarts,
         )
         listeners_box: list[Listeners] = []
 
@@ -103,7 +145,21 @@ async def open_runtime(
                 listeners_box.append(await nursery.start(grpc.run))
                 task_status.started()
 
+        http_ports = HttpPorts()
+
+        async def run_http(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                           ) -> None:
+            gate = core.gate
+            async with trio.open_nursery() as nursery:
+                http_ports.health = await nursery.start(
+                    serve_http, "", config.health_port,
+                    health_app(lambda: (gate.serving, gate.reason())))
+                http_ports.metrics = await nursery.start(
+                    serve_http, "", config.metrics_port, metrics_app(metrics))
+                task_status.started()
+
         children = [
+            ChildSpec("http", run_http),
             ChildSpec("core", core_tree.run, type="supervisor", shutdown=float("inf")),
             ChildSpec("grpc", run_grpc, shutdown=config.shutdown_timeout + 5),
         ]
@@ -111,12 +167,15 @@ async def open_runtime(
         if provider_specs:
             children.append(ChildSpec(
                 "providers",
-                Supervisor("providers", provider_specs, max_restarts=5, period=30.0).run,
+                Supervisor("providers", provider_specs, max_restarts=5, period=30.0,
+                           on_restart=restarts).run,
                 type="supervisor", shutdown=float("inf")))
-        root = Supervisor("root", children, strategy="one_for_one", max_restarts=3, period=5.0)
+        root = Supervisor("root", children, strategy="one_for_one", max_restarts=3, period=5.0,
+                          on_restart=restarts)
         async with trio.open_nursery() as nursery:
             await nursery.start(root.run)
-            runtime = Runtime(config, core, grpc, listeners_box[-1], root, nursery.cancel_scope)
+            runtime = Runtime(config, core, grpc, listeners_box[-1], http_ports, metrics, root,
+                              nursery.cancel_scope)
             try:
                 yield runtime
             finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
-from conftest import GPU_A, GPU_B, GPU_C, gpu
+from _gpus import GPU_A, GPU_B, GPU_C, gpu
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 

@@ -162,6 +162,18 @@ class ClaimGpus:
     names: tuple[str, ...]
 
 
+def operation_of(command: Command) -> str:
+    """The ``cache_updates_total{operation}`` label of a command that changed the cache."""
+    match command:
+        case DeleteGpu(missing_ok=True):
+            return "unregister"
+        case MaskProvider():
+            return "heartbeat_timeout"
+        case UnmaskProvider():
+            return "heartbeat_restore"
+    return _OPERATIONS[type(command)]
+
+
 Command = (
     CreateGpu
     | RegisterGpu
@@ -173,6 +185,17 @@ Command = (
     | UnmaskProvider
     | ClaimGpus
 )
+
+
+_OPERATIONS: dict[type, str] = {
+    CreateGpu: "create",
+    RegisterGpu: "register",
+    UpdateGpu: "update",
+    UpdateGpuStatus: "update_status",
+    UpdateCondition: "update_condition",
+    DeleteGpu: "delete",
+    ClaimGpus: "claim",
+}
 
 
 # ---- validation --------------------------------------------------------------------------------

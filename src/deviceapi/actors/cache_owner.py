@@ -33,7 +33,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from .._errors import DeviceApiError, ResourceExhausted, Unavailable
 from ._actor import Actor, FaultHook
 from ._mailbox import Mailbox, MailboxClosed, Reply, TrioReply
-from ._store import Command, Event, Limits, Result, State, apply
+from ._store import Command, Event, Limits, Result, State, apply, operation_of
 
 log = logging.getLogger("deviceapi.cache")
 
@@ -194,9 +194,11 @@ class CacheOwner(Actor[Write]):
     """The sole writer. One incarnation at a time runs over the shared :class:`CacheStore`."""
 
     def __init__(self, store: CacheStore, *, faults: FaultHook | None = None,
-                 name: str = "cache_owner") -> None:
+                 name: str = "cache_owner",
+                 on_update: Callable[[str], None] | None = None) -> None:
         super().__init__(name, store.mailbox, faults=faults)
         self.store = store
+        self._on_update = on_update
         self._ok = False
 
     async def init(self) -> None:
@@ -215,6 +217,8 @@ class CacheOwner(Actor[Write]):
         store.commit(state, events)
         self._ok = True
         message.reply.resolve(outcome.Value(result))
+        if events and self._on_update is not None:
+            self._on_update(operation_of(message.command))
 
     def message_done(self, message: Write) -> None:
         self.store.note_processed(self._ok)

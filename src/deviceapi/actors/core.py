@@ -32,6 +32,8 @@ class Observer:
     """Push-style hooks for counters (metrics plug in here; defaults do nothing)."""
 
     on_update: Callable[[str], None] = _noop
+    on_evict: Callable[[str], None] = _noop
+    on_heartbeat_timeout: Callable[[str], None] = _noop
     on_reject: Callable[[str], None] = _noop
     on_watch_event: Callable[[str], None] = _noop
 
@@ -65,11 +67,10 @@ class Core:
         gate = ReadinessGate(config.min_gpus, config.provider_timeout)
         store.add_listener(hub)
         store.add_listener(gate)
-        return cls(
-            config=config,
-            store=store,
-            hub=hub,
-            gate=gate,
-            sessions=ProviderSessions(config.heartbeat_timeout),
-            observer=observer or Observer(),
-        )
+        observer = observer or Observer()
+        # Through the observer at call time, so hooks set after build are honoured.
+        hub.on_evict = lambda reason: observer.on_evict(reason)
+        sessions = ProviderSessions(config.heartbeat_timeout)
+        sessions.on_timeout = lambda provider: observer.on_heartbeat_timeout(provider)
+        return cls(config=config, store=store, hub=hub, gate=gate, sessions=sessions,
+                   observer=observer)

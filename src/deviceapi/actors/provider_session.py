@@ -43,6 +43,7 @@ class ProviderSessions:
         self.heartbeat_timeout = heartbeat_timeout
         self._sessions: dict[str, _Session] = {}
         self._timeouts = 0
+        self.on_timeout: Callable[[str], None] | None = None
 
     def touch(self, provider: str) -> None:
         """A provider wrote something: make sure it has a session."""
@@ -75,6 +76,8 @@ class ProviderSessions:
                 log.warning("provider heartbeat overdue", extra={"provider": provider,
                                                                  "reason": "heartbeat_timeout"})
                 commands.append(MaskProvider(provider))
+                if self.on_timeout is not None:
+                    self.on_timeout(provider)
         return commands
 
     def next_deadline(self) -> float | None:

@@ -32,6 +32,8 @@ def make_test_config(socket_dir: str | os.PathLike[str] | None = None, **overrid
         grpc_address="",
         shutdown_delay=0.0,
         shutdown_timeout=5.0,
+        health_port=0,  # any free port; the runtime reports the bound ones (http_ports)
+        metrics_port=0,
     )
     return dataclasses.replace(base, **overrides)
 

@@ -18,6 +18,7 @@ from ..actors.watcher import StreamEnd, Subscription
 from ..proto.device.v1alpha1 import gpu_grpc
 from ..proto.device.v1alpha1 import gpu_pb2 as pb
 from ._calls import provider_of, read_barrier, write
+from ._flow import wait_send_window
 from ._limits import recv_request
 from ._status import rpc_errors
 
@@ -83,7 +84,6 @@ class GpuService(gpu_grpc.GpuServiceBase):
                 raise InvalidArgument("gpu is required")
             provider = self._provider(stream)
             result = await write(self.core, store_ops.CreateGpu(request.gpu, provider))
-            self.core.observer.on_update("create" if result.created else "create_existing")
         await stream.send_message(pb.CreateGpuResponse(gpu=result.gpu, created=result.created))
 
     async def UpdateGpu(self, stream: Stream[pb.UpdateGpuRequest, pb.UpdateGpuResponse]) -> None:
@@ -93,7 +93,6 @@ class GpuService(gpu_grpc.GpuServiceBase):
                 raise InvalidArgument("gpu is required")
             provider = self._provider(stream)
             result = await write(self.core, store_ops.UpdateGpu(request.gpu, provider))
-            self.core.observer.on_update("update")
         await stream.send_message(pb.UpdateGpuResponse(gpu=result.gpu))
 
     async def UpdateGpuStatus(
@@ -108,14 +107,12 @@ class GpuService(gpu_grpc.GpuServiceBase):
             provider = self._provider(stream)
             result = await write(self.core, store_ops.UpdateGpuStatus(
                 request.name, request.status, request.resource_version, provider))
-            self.core.observer.on_update("update_status")
         await stream.send_message(pb.UpdateGpuStatusResponse(gpu=result.gpu))
 
     async def DeleteGpu(self, stream: Stream[pb.DeleteGpuRequest, Empty]) -> None:
         with self._errors("DeleteGpu"):
             request = await recv_request(stream, self._limit)
             await write(self.core, store_ops.DeleteGpu(request.name))
-            self.core.observer.on_update("delete")
         await stream.send_message(Empty())
 
     def _provider(self, stream: Stream[Any, Any]) -> str:
@@ -132,8 +129,9 @@ async def _pump(
 ) -> StreamEnd:
     """Send the subscription's events until it ends; return how it ended.
 
-    Sending runs in its own task so that an eviction can abandon a send that is blocked on a
-    client that stopped reading (HTTP/2 flow control) and still end the stream with a status.
+    Sending runs in its own task so that an eviction can abandon a client that stopped reading
+    (HTTP/2 flow control) and still end the stream with a status; a message is only started
+    when the window holds all of it, so the abandoned task never leaves half a message.
     A send failure (client gone) propagates; cancellation (client cancel) cancels the sender.
     """
     loop = asyncio.get_running_loop()
@@ -157,7 +155,9 @@ async def _pump(
                 continue
             for item in batch:
                 event = item.event
-                await stream.send_message(pb.WatchGpusResponse(type=event.type, object=event.gpu))
+                response = pb.WatchGpusResponse(type=event.type, object=event.gpu)
+                await wait_send_window(stream, response.ByteSize())
+                await stream.send_message(response)
                 subscription.delivered(item, loop.time())
                 on_event(event.type)
 

@@ -39,7 +39,6 @@ class ProviderService(provider_grpc.ProviderServiceBase):
             r = await recv_request(stream, self._limit)
             result = await write(self.core, store_ops.RegisterGpu(
                 r.name, r.spec, r.initial_status, self._provider(r.provider_id)))
-            self.core.observer.on_update("register" if result.created else "register_existing")
         await stream.send_message(pb.ProviderRegisterGpuResponse(
             created=result.created, resource_version=result.rv))
 
@@ -49,8 +48,6 @@ class ProviderService(provider_grpc.ProviderServiceBase):
         with self._errors("UnregisterGpu"):
             r = await recv_request(stream, self._limit)
             result = await write(self.core, store_ops.DeleteGpu(r.name, missing_ok=True))
-            if result.deleted:
-                self.core.observer.on_update("unregister")
         await stream.send_message(pb.ProviderUnregisterGpuResponse(deleted=result.deleted))
 
     async def UpdateGpuStatus(
@@ -63,7 +60,6 @@ class ProviderService(provider_grpc.ProviderServiceBase):
                 raise InvalidArgument("status is required")
             result = await write(self.core, store_ops.UpdateGpuStatus(
                 r.name, r.status, 0, self._provider(r.provider_id)))
-            self.core.observer.on_update("update_status")
         await stream.send_message(pb.ProviderUpdateGpuStatusResponse(resource_version=result.rv))
 
     async def UpdateGpuCondition(
@@ -77,7 +73,6 @@ class ProviderService(provider_grpc.ProviderServiceBase):
                 raise InvalidArgument("condition is required")
             result = await write(self.core, store_ops.UpdateCondition(
                 r.name, r.condition, self._provider(r.provider_id)))
-            self.core.observer.on_update("update_condition")
         await stream.send_message(
             pb.ProviderUpdateGpuConditionResponse(resource_version=result.rv))
 

@@ -1,4 +1,4 @@
-"""Shared helpers of the integration tests: a real server on a real Unix socket."""
+"""GPU fixtures shared by the integration tests (a plain module: unique name, no conftest clash)."""
 
 from __future__ import annotations
 
