@@ -17,6 +17,7 @@ import trio
 
 from ._config import Config, ConfigError, parse_config
 from ._logging import configure_logging
+from .supervisors import describe
 
 log = logging.getLogger("deviceapi.main")
 
@@ -36,15 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # startup failures and escalations: one clear line, no traceback
-        log.error("server stopped", extra={"reason": _describe(exc)})
+        log.error("server stopped", extra={"reason": describe(exc)})
         return 1
     return 0
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        return _describe(exc.exceptions[0])
-    return f"{type(exc).__name__}: {exc}"
 
 
 async def serve(config: Config) -> None:

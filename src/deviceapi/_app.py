@@ -29,6 +29,8 @@ from .actors.provider_session import run_heartbeat_monitor
 from .actors.readiness import run_readiness_timer
 from .actors.watcher import run_watch_janitor
 from .client.trio_client import TrioProviderClient
+from .nvml_actor import NvmlPoller, PollerOptions, ProviderApi, PynvmlBackend
+from .nvml_actor.service import run_nvml_provider
 from .sim import SimulatedProvider
 from .supervisors import ChildSpec, Supervisor
 from .transport import _bridge
@@ -163,7 +165,7 @@ async def open_runtime(
             ChildSpec("core", core_tree.run, type="supervisor", shutdown=float("inf")),
             ChildSpec("grpc", run_grpc, shutdown=config.shutdown_timeout + 5),
         ]
-        provider_specs = _provider_children(config, lambda: listeners_box[-1])
+        provider_specs = _provider_children(config, lambda: listeners_box[-1], metrics)
         if provider_specs:
             children.append(ChildSpec(
                 "providers",
@@ -198,9 +200,34 @@ async def connect_loopback(listeners: Listeners) -> TrioProviderClient:
     return await TrioProviderClient.connect(address=f"127.0.0.1:{listeners.tcp_port}")
 
 
-def _provider_children(config: Config, listeners: Callable[[], Listeners]) -> list[ChildSpec]:
+def _provider_children(config: Config, listeners: Callable[[], Listeners],
+                       metrics: ServerMetrics) -> list[ChildSpec]:
     """Built-in providers (each a transient child that reaches the server over loopback)."""
     specs: list[ChildSpec] = []
+    if config.enable_nvml_provider:
+        pollers: list[NvmlPoller] = []
+
+        def refresh_nvml() -> None:
+            if pollers:
+                stats = pollers[-1].statistics()
+                metrics.set_nvml_provider_enabled(stats.enabled)
+                metrics.set_nvml_gpu_count(stats.gpus)
+                metrics.set_nvml_health_monitor_running(stats.monitor_running)
+
+        metrics.add_refresher(refresh_nvml)
+
+        async def connect() -> ProviderApi:
+            return await connect_loopback(listeners())
+
+        options = PollerOptions.from_config(
+            config, provider_id=f"nvml-{config.node_name or 'node'}")
+
+        async def nvml(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                       ) -> None:
+            await run_nvml_provider(lambda: PynvmlBackend(config.nvml_driver_root), connect,
+                                    options, on_poller=pollers.append, task_status=task_status)
+
+        specs.append(ChildSpec("nvml", nvml))
     if config.simulate:
 
         async def simulator(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

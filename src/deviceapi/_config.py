@@ -129,7 +129,7 @@ def parse_xids(text: str) -> XidSet:
     return XidSet(frozenset(xids))
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
         return True
@@ -201,13 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Node name for the info metric (defaults to $NODE_NAME).")
 
     nvml = p.add_argument_group("NVML provider")
-    nvml.add_argument("--enable-nvml-provider", type=_bool, nargs="?", const=True,
+    nvml.add_argument("--enable-nvml-provider", type=parse_bool, nargs="?", const=True,
                       default=d.enable_nvml_provider,
                       help="Run the built-in NVML provider inside the server.")
     nvml.add_argument("--nvml-driver-root", default=d.nvml_driver_root,
                       help="Where the driver is mounted; libnvidia-ml.so.1 is looked up here "
                            "before the system default.")
-    nvml.add_argument("--nvml-health-check", type=_bool, nargs="?", const=True,
+    nvml.add_argument("--nvml-health-check", type=parse_bool, nargs="?", const=True,
                       default=d.nvml_health_check,
                       help="Watch XID events and mark GPUs unhealthy.")
     nvml.add_argument("--nvml-ignored-xids", type=parse_xids, default=d.nvml_ignored_xids,
