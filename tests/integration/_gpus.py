@@ -1,21 +1,6 @@
-"""GPU fixtures shared by the integration tests (a plain module: unique name, no conftest clash)."""
+"""Short names for the shipped test objects (deviceapi.testing.objects)."""
 
-from __future__ import annotations
+from deviceapi.testing.objects import GPU_A, GPU_B, GPU_C, gpu_name
+from deviceapi.testing.objects import make_gpu as gpu
 
-from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
-
-GPU_A = "GPU-0a000000-0000-4000-8000-000000000001"
-GPU_B = "GPU-0b000000-0000-4000-8000-000000000002"
-GPU_C = "GPU-0c000000-0000-4000-8000-000000000003"
-
-
-def gpu(name: str, *conditions: tuple[str, str]) -> pb.Gpu:
-    return pb.Gpu(
-        metadata=pb.ObjectMeta(name=name),
-        spec=pb.GpuSpec(uuid=name),
-        status=pb.GpuStatus(conditions=[pb.Condition(type=t, status=s) for t, s in conditions]),
-    )
-
-
-def gpu_name(i: int) -> str:
-    return f"GPU-{i:08x}-0000-4000-8000-000000000000"
+__all__ = ["GPU_A", "GPU_B", "GPU_C", "gpu", "gpu_name"]

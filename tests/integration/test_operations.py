@@ -15,7 +15,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from deviceapi.actors import _store as ops
 from deviceapi.client import DeviceApiClient
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
-from deviceapi.testing.runtime import make_test_config, open_client, open_test_runtime, run_aio
+from deviceapi.testing.runtime import (
+    make_test_config,
+    open_client,
+    open_test_runtime,
+    run_aio,
+    wait_until,
+)
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
@@ -150,8 +156,8 @@ async def test_heartbeat_timeout_marks_unknown_and_recovery_restores(
         async with trio.open_nursery() as nursery:
             await nursery.start(watch)
             with trio.fail_after(120):
-                while len(events) < 3 + 2:  # 3 ADDED, then one MODIFIED per nvml GPU
-                    await trio.sleep(0.5)
+                # 3 ADDED, then one MODIFIED per nvml GPU
+                await wait_until(lambda: len(events) == 3 + 2, poll=0.5)
             elapsed = trio.current_time() - start
             assert 30.0 <= elapsed <= 32.0
             modified = events[3:]
@@ -165,8 +171,7 @@ async def test_heartbeat_timeout_marks_unknown_and_recovery_restores(
 
             await run_aio(client.heartbeat, provider_id="nvml", gpu_names=[])
             with trio.fail_after(10):
-                while len(events) < 7:
-                    await trio.sleep(0.01)
+                await wait_until(lambda: len(events) == 7)
             restored = events[5:]
             for e in restored:
                 ready = e.object.status.conditions[0]

@@ -3,7 +3,6 @@ eviction of a stalled watcher while others keep receiving, and cancel freeing th
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -25,6 +24,8 @@ from deviceapi.testing.runtime import (
     open_test_runtime,
     run_aio,
     run_client_scenario,
+    run_trio,
+    wait_until,
 )
 
 
@@ -122,8 +123,7 @@ async def test_cancel_frees_the_watcher(tmp_path: object) -> None:
 
         with trio.fail_after(10):
             await run_aio(watch_one)
-            while rt.core.hub.statistics().active:
-                await trio.sleep(0.01)
+            await wait_until(lambda: rt.core.hub.statistics().active == 0)
         assert rt.core.hub.statistics().active == 0
 
 
@@ -158,8 +158,9 @@ async def test_stalled_watcher_is_evicted_while_ten_others_get_every_event(
                 async with stub.WatchGpus.open() as stream:
                     await stream.send_message(pb.WatchGpusRequest(), end=True)
                     await stream.recv_initial_metadata()
-                    while rt.core.hub.statistics().evictions.get("queue_full", 0) == 0:
-                        await asyncio.sleep(0.01)  # not reading: the server must not wait on us
+                    # not reading: the server must not wait on us
+                    await run_trio(wait_until,
+                                   lambda: "queue_full" in rt.core.hub.statistics().evictions)
                     async for event in stream:
                         got.append(event.object.resource_version)
             except GRPCError as exc:
@@ -179,8 +180,7 @@ async def test_stalled_watcher_is_evicted_while_ten_others_get_every_event(
                 for received in results:
                     nursery.start_soon(run_aio, watcher, received)
                 nursery.start_soon(run_stalled)
-                while rt.core.hub.statistics().active < 11:
-                    await trio.sleep(0.01)
+                await wait_until(lambda: rt.core.hub.statistics().active == 11)
                 for i in range(updates):
                     await run_aio(writer.update_status, GPU_A, status("True", f"{i}{big}"))
 
@@ -219,13 +219,11 @@ async def test_watcher_that_stops_reading_is_evicted_after_the_slow_subscriber_t
 
         await run_aio(open_stalled)
         with trio.fail_after(120):
-            while rt.core.hub.statistics().active < 1:
-                await trio.sleep(0.01)
+            await wait_until(lambda: rt.core.hub.statistics().active == 1)
             for i in range(60):  # fills the 64 KiB window; the queue (256) stays below full
                 await run_aio(writer.update_status, GPU_A, status("True", f"{i}{big}"))
             started = trio.current_time()
-            while not rt.core.hub.statistics().evictions:
-                await trio.sleep(0.5)
+            await wait_until(lambda: bool(rt.core.hub.statistics().evictions), poll=0.5)
             waited = trio.current_time() - started
         assert rt.core.hub.statistics().evictions == {"slow_subscriber": 1}
         assert 4.0 <= waited <= 7.0

@@ -11,8 +11,10 @@ import dataclasses
 import os
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
+
+import trio
 
 from .._app import Runtime, open_runtime
 from .._config import Config
@@ -50,6 +52,17 @@ async def open_test_runtime(
         yield rt
 
 
+def open_aio_loop() -> AbstractAsyncContextManager[Any]:
+    """The asyncio-on-trio loop, for tests that drive a server in another process."""
+    return _bridge.open_loop()
+
+
+async def run_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """From asyncio test code, await a trio async function (e.g. an Event's wait)."""
+    result: T = await _bridge.trio_as_aio(fn)(*args)
+    return result
+
+
 async def run_aio(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
     """Run an asyncio coroutine function (e.g. client code) from trio."""
     result: T = await _bridge.aio_as_trio(fn)(*args, **kwargs)
@@ -83,3 +96,12 @@ async def open_client(runtime: Runtime, *, provider_id: str = "",
         yield client
     finally:
         client.close()
+
+
+async def wait_until(predicate: Callable[[], bool], *, poll: float = 0.005) -> None:
+    """Wait for a condition the test cannot subscribe to (counts, another process's state).
+
+    It checks at ``poll``-second intervals on trio's clock; bound it with ``trio.fail_after``.
+    """
+    while not predicate():
+        await trio.sleep(poll)

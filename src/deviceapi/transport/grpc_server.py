@@ -193,12 +193,13 @@ class GrpcServer:
                 await self.close()
 
     def stop_accepting(self) -> None:
-        """Close the listening sockets; calls on open connections now get UNAVAILABLE."""
+        """Close the listening sockets; calls on open connections now get UNAVAILABLE.
+
+        The socket file stays until :meth:`close` (SPEC §6 removes it last)."""
         self._inflight.draining = True
         for server in self._servers:
             if server._server is not None:
                 server._server.close()
-        self.remove_socket()
 
     @property
     def in_flight(self) -> int:
