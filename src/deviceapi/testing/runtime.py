@@ -103,5 +103,5 @@ async def wait_until(predicate: Callable[[], bool], *, poll: float = 0.005) -> N
 
     It checks at ``poll``-second intervals on trio's clock; bound it with ``trio.fail_after``.
     """
-    while not predicate():
+    while not predicate():  # noqa: ASYNC110 - the sanctioned poller for unsubscribable state
         await trio.sleep(poll)
