@@ -35,7 +35,7 @@ lint: .venv/.installed
 	$(PY) -m mypy
 
 run: .venv/.installed
-	$(PY) -m deviceapi --simulate 8 --unix-socket /tmp/device-api/device.sock
+	$(PY) -m deviceapi --simulate 8 --unix-socket /tmp/device-api/device.sock --log-format text
 
 bench:
 	$(PY) -m bench.run
