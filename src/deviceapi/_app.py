@@ -130,7 +130,7 @@ async def open_runtime(
                 ChildSpec("readiness_timer", _bind(run_readiness_timer, core.gate),
                           restart="transient"),
                 ChildSpec("heartbeat_monitor",
-                          _bind(run_heartbeat_monitor, core.sessions, core.store.write)),
+                          _bind(run_heartbeat_monitor, core.sessions, core.store.submit)),
                 ChildSpec("watch_janitor",
                           _bind(run_watch_janitor, core.hub, config.slow_subscriber_timeout)),
             ],

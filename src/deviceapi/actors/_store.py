@@ -304,9 +304,11 @@ def apply(state: State, command: Command, limits: Limits, now: Timestamp) -> tup
             validate_provider(provider)
             name = _gpu_name(gpu)
             _check_spec(name, gpu.spec)
+            _check_namespace(gpu.metadata.namespace)
             validate_status(gpu.status, limits)
             current = _existing(state, name, expected_version(gpu))
-            return _write(state, name, _spec_or_default(name, gpu.spec), gpu.status, current,
+            status = _unecho(state, name, gpu.status)
+            return _write(state, name, _spec_or_default(name, gpu.spec), status, current,
                           gpu.metadata.namespace, provider, limits, now)
         case UpdateGpuStatus(name=name, status=status, expected_rv=expected, provider=provider):
             validate_provider(provider)
@@ -315,6 +317,7 @@ def apply(state: State, command: Command, limits: Limits, now: Timestamp) -> tup
                 raise InvalidArgument("resource_version must not be negative")
             validate_status(status, limits)
             current = _existing(state, name, expected)
+            status = _unecho(state, name, status)
             return _write(state, name, current.spec, status, current,
                           current.metadata.namespace, provider, limits, now)
         case UpdateCondition(name=name, condition=condition, provider=provider):
@@ -322,7 +325,7 @@ def apply(state: State, command: Command, limits: Limits, now: Timestamp) -> tup
             validate_name(name)
             validate_condition(condition)
             current = _existing(state, name, 0)
-            status = _upsert_condition(current.status, condition, now)
+            status = _upsert_condition(_provider_view(state, name, current).status, condition)
             validate_status(status, limits)
             return _write(state, name, current.spec, status, current,
                           current.metadata.namespace, provider, limits, now)
@@ -379,8 +382,7 @@ def _create(state: State, name: str, spec: GpuSpec, status: GpuStatus, meta: Obj
     validate_name(name)
     _check_spec(name, spec)
     validate_status(status, limits)
-    if len(meta.namespace) > NAMESPACE_MAX:
-        raise InvalidArgument(f"metadata.namespace exceeds {NAMESPACE_MAX} characters")
+    _check_namespace(meta.namespace)
     existing = state.gpus.get(name)
     if existing is not None:
         # Idempotent: providers re-register after restarts and rely on this.
@@ -401,21 +403,60 @@ def _create(state: State, name: str, spec: GpuSpec, status: GpuStatus, meta: Obj
     return new_state, Result(rv=rv, gpu=gpu, created=True), [Event("ADDED", gpu)]
 
 
+def _check_namespace(namespace: str) -> None:
+    if len(namespace) > NAMESPACE_MAX:
+        raise InvalidArgument(f"metadata.namespace exceeds {NAMESPACE_MAX} characters")
+
+
+def _provider_view(state: State, name: str, current: Gpu) -> Gpu:
+    """The object as its provider wrote it: on a masked GPU, the provider's own Ready (or
+    none) instead of the server's heartbeat-timeout one. Limits and upserts apply to this."""
+    if name not in state.masked:
+        return current
+    own_ready = state.masked[name]
+    conditions = [c for c in current.status.conditions if c.type != READY]
+    if own_ready is not None:
+        conditions.append(own_ready)
+    view = Gpu()
+    view.CopyFrom(current)
+    del view.status.conditions[:]
+    view.status.conditions.extend(conditions)
+    return view
+
+
+def _unecho(state: State, name: str, status: GpuStatus) -> GpuStatus:
+    """A provider that read a masked GPU back and writes its status again echoes the server's
+    Ready; that is not the provider's Ready, so keep the one it last wrote. (The result stays
+    valid: one Ready is swapped for an already-validated one, or dropped.)"""
+    if name not in state.masked:
+        return status
+    echoed = next((c for c in status.conditions
+                   if c.type == READY and c.reason == HEARTBEAT_TIMEOUT_REASON), None)
+    if echoed is None:
+        return status
+    own_ready = state.masked[name]
+    conditions = [c for c in status.conditions if c.type != READY]
+    if own_ready is not None:
+        conditions.append(own_ready)
+    return GpuStatus(conditions=conditions, recommended_action=status.recommended_action)
+
+
 def _write(state: State, name: str, spec: GpuSpec, status: GpuStatus, current: Gpu,
            namespace: str, provider: str, limits: Limits,
            now: Timestamp) -> tuple[State, Result, list[Event]]:
     masked = state.masked
-    conditions = _stamp_conditions(current.status.conditions, status.conditions, now)
-    if name in masked:
-        # The provider's heartbeat is overdue: remember what it wrote for Ready, keep Unknown.
-        written_ready = next((c for c in conditions if c.type == READY), None)
-        server_ready = _ready_of(current)
-        assert server_ready is not None, "a masked GPU always carries the server's Ready"
-        masked = {**masked, name: written_ready}
-        conditions = [c for c in conditions if c.type != READY] + [server_ready]
+    view = _provider_view(state, name, current)
+    conditions = _stamp_conditions(view.status.conditions, status.conditions, now)
     rv = state.rv + 1
     gpu = _build(name, spec, status, conditions, namespace, rv)
-    _check_size(gpu, limits)
+    _check_size(gpu, limits)  # limits bound what the provider wrote
+    if name in masked:
+        # The provider's heartbeat is overdue: remember what it wrote for Ready, keep Unknown.
+        server_ready = _ready_of(current)
+        assert server_ready is not None, "a masked GPU always carries the server's Ready"
+        masked = {**masked, name: _ready_of(gpu)}
+        shown = [c for c in conditions if c.type != READY] + [server_ready]
+        gpu = _build(name, spec, status, shown, namespace, rv)
     gpus = {**state.gpus, name: gpu}
     owners: Mapping[str, str] = {**state.owners, name: provider} if provider else state.owners
     new_state = State(rv=rv, gpus=gpus, owners=owners, masked=masked)
@@ -472,7 +513,10 @@ def _set_ready(state: State, masked: dict[str, Condition | None],
         conditions = [c for c in current.status.conditions if c.type != READY]
         replacement = changes[name]
         if replacement is not None:
-            conditions += _stamp_conditions(current.status.conditions, [replacement], now)
+            fresh = Condition()
+            fresh.CopyFrom(replacement)
+            fresh.ClearField("last_transition_time")  # its status changes now (Unknown ↔ other)
+            conditions += _stamp_conditions(current.status.conditions, [fresh], now)
         rv += 1
         gpu = _build(name, current.spec, current.status, conditions, current.metadata.namespace,
                      rv)
@@ -482,7 +526,7 @@ def _set_ready(state: State, masked: dict[str, Condition | None],
     return new_state, Result(rv=rv), events
 
 
-def _upsert_condition(status: GpuStatus, condition: Condition, now: Timestamp) -> GpuStatus:
+def _upsert_condition(status: GpuStatus, condition: Condition) -> GpuStatus:
     """Replace the condition of the same type (or append it); the server owns its timestamp."""
     incoming = Condition()
     incoming.CopyFrom(condition)

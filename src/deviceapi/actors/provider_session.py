@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
+from ._mailbox import Reply, TrioReply
 from ._store import Command, MaskProvider, UnmaskProvider
 
 log = logging.getLogger("deviceapi.provider")
@@ -98,18 +100,25 @@ class ProviderSessions:
 
 async def run_heartbeat_monitor(
     sessions: ProviderSessions,
-    write: Callable[[Command], Awaitable[object]],
+    submit: Callable[[Command, Reply[Any]], None],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mask the GPUs of providers whose heartbeat is overdue, as each deadline passes.
 
-    ``write`` submits a command to the CacheOwner and waits for it. Polls at most once a
-    second (or a quarter of the timeout), so a mask lands at most that late.
+    ``submit`` queues a command for the CacheOwner. Every mask due now is queued in the same
+    step that marks its session masked, before waiting for any of them: a heartbeat that
+    arrives meanwhile queues its unmask *after* its mask. Polls at most once a second (or a
+    quarter of the timeout), so a mask lands at most that late.
     """
     interval = min(1.0, sessions.heartbeat_timeout / 4)
     task_status.started()
     while True:
+        replies: list[TrioReply[Any]] = []
         for command in sessions.take_overdue(trio.current_time()):
-            await write(command)
+            reply: TrioReply[Any] = TrioReply()
+            submit(command, reply)
+            replies.append(reply)
+        for reply in replies:
+            await reply.wait()
         await trio.sleep(interval)

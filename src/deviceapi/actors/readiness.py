@@ -57,8 +57,8 @@ class ReadinessGate:
         return "ready"
 
     def check_read(self) -> None:
-        """Consumer reads are refused until the gate has opened once."""
-        if self._state is Readiness.WAITING_FOR_PROVIDERS:
+        """Consumer reads are refused until the gate has opened (even if shutdown came first)."""
+        if not self._ready_event.is_set():
             raise Unavailable(WAITING_MESSAGE)
 
     def add_listener(self, listener: Callable[[Readiness], None]) -> None:

@@ -13,6 +13,11 @@ from ..transport import _bridge
 from ._client import PROVIDER_SERVICE, DeviceApiClient
 
 
+class HeartbeatRejected(Exception):
+    """The server answered a heartbeat with acknowledged=False: it lost some of our GPUs
+    (restarted, or they were deleted). A provider restarts and registers them again."""
+
+
 class TrioProviderClient:
     """Provider calls from trio code, over a real gRPC connection."""
 
@@ -46,8 +51,12 @@ class TrioProviderClient:
         return int(rv)
 
     async def heartbeat(self, *, provider_id: str, gpu_names: Sequence[str]) -> None:
-        await _bridge.aio_as_trio(self.client.heartbeat)(
+        """Raises :class:`HeartbeatRejected` when the server lacks some of ``gpu_names``."""
+        acknowledged = await _bridge.aio_as_trio(self.client.heartbeat)(
             provider_id=provider_id, gpu_names=list(gpu_names))
+        if not acknowledged:
+            raise HeartbeatRejected(
+                f"the server does not hold every GPU of provider {provider_id!r}; re-register")
 
     def close(self) -> None:
         self.client.close()

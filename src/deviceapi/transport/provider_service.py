@@ -92,5 +92,9 @@ class ProviderService(provider_grpc.ProviderServiceBase):
             unmask = self.core.sessions.heartbeat(provider, now)
             if unmask is not None:
                 await write(self.core, unmask)
-        await stream.send_message(pb.HeartbeatResponse(acknowledged=True))
+            # acknowledged=False tells a provider that this server lacks GPUs it named (it
+            # restarted, or someone deleted them): the provider should register them again.
+            known = self.core.store.state.gpus
+            acknowledged = all(name in known for name in names)
+        await stream.send_message(pb.HeartbeatResponse(acknowledged=acknowledged))
 

@@ -1,0 +1,211 @@
+"""The ``device-api`` command line against a server on a real Unix socket.
+
+The CLI runs as a separate process (the installed console script, or ``python -m
+deviceapi.cli`` when it is not installed) while the server runs in this test's trio loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from deviceapi._app import Runtime
+from deviceapi.actors import _store as store_ops
+from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
+from deviceapi.testing.runtime import make_test_config, open_test_runtime, wait_until
+
+GPU_A = "GPU-0a000000-0000-4000-8000-000000000001"
+GPU_B = "GPU-0b000000-0000-4000-8000-000000000002"
+GPU_C = "GPU-0c000000-0000-4000-8000-000000000003"
+WAITING = "server initializing, waiting for GPU providers"
+
+
+def cli_command() -> list[str]:
+    script = Path(sys.executable).parent / "device-api"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "deviceapi.cli"]
+
+
+def _sockets() -> set[tuple[int, str]]:
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:"):
+                found.add((int(fd), target))
+    return found
+
+
+@asynccontextmanager
+async def server(tmp_path: Path, *gpus: tuple[str, str], **overrides: Any
+                 ) -> AsyncIterator[Runtime]:
+    """A server holding ``gpus`` (name, Ready status). On the way out, wait (bounded) until
+    the server has closed its end of the CLI's connections: it would not at teardown (see
+    test_grpcio_client.py::test_shutdown_closes_client_connections)."""
+    overrides.setdefault("min_gpus", 0)
+    async with open_test_runtime(make_test_config(tmp_path, **overrides)) as rt:
+        for name, ready in gpus:
+            await rt.core.store.write(store_ops.CreateGpu(pb.Gpu(
+                metadata=pb.ObjectMeta(name=name),
+                status=pb.GpuStatus(conditions=[pb.Condition(type="Ready", status=ready)]))))
+        before = _sockets()
+        yield rt
+        with trio.move_on_after(5):
+            await wait_until(lambda: not _sockets() - before)
+
+
+class Cli:
+    def __init__(self, runtime: Runtime) -> None:
+        assert runtime.listeners.unix_socket is not None
+        self.socket = runtime.listeners.unix_socket
+
+    def argv(self, *args: str) -> list[str]:
+        return [*cli_command(), "--unix-socket", self.socket, "--timeout", "10", *args]
+
+    async def run(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return await trio.run_process(self.argv(*args), capture_stdout=True,
+                                      capture_stderr=True, check=False)
+
+    async def ok(self, *args: str) -> str:
+        result = await self.run(*args)
+        assert result.returncode == 0, result.stderr.decode()
+        return result.stdout.decode()
+
+    async def error(self, *args: str) -> str:
+        """Run a failing command: exit 1, one line on stderr, nothing on stdout."""
+        result = await self.run(*args)
+        stderr = result.stderr.decode()
+        assert result.returncode == 1, stderr
+        assert stderr.endswith("\n") and stderr.count("\n") == 1, stderr
+        assert "Traceback" not in stderr and not result.stdout, stderr
+        return stderr.strip()
+
+
+def _rows(table: str) -> list[list[str]]:
+    return [line.split() for line in table.strip().splitlines()]
+
+
+async def test_list_and_get(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with server(tmp_path, (GPU_B, "True"), (GPU_A, "False")) as rt:
+            cli = Cli(rt)
+            assert _rows(await cli.ok("list")) == [
+                ["NAME", "VERSION", "CONDITIONS"],
+                [GPU_A, "2", "Ready=False"],
+                [GPU_B, "1", "Ready=True"],
+            ]
+            listing = json.loads(await cli.ok("list", "-o", "json"))
+            assert listing["metadata"] == {"resource_version": "2"}
+            assert [g["metadata"]["name"] for g in listing["items"]] == [GPU_A, GPU_B]
+            assert listing["items"][0]["status"]["conditions"][0]["status"] == "False"
+
+            assert _rows(await cli.ok("get", GPU_B)) == [
+                ["NAME", "VERSION", "CONDITIONS"], [GPU_B, "1", "Ready=True"]]
+            got = json.loads(await cli.ok("get", GPU_B, "-o", "json"))
+            assert got["metadata"]["name"] == GPU_B and got["resource_version"] == "1"
+            assert got["spec"] == {"uuid": GPU_B}
+
+
+async def test_set_condition(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with server(tmp_path, (GPU_A, "True")) as rt:
+            cli = Cli(rt)
+            out = await cli.ok("set-condition", GPU_A, "NVMLReady", "False",
+                               "--reason", "XidCritical", "--message", "XID 79")
+            assert out.strip() == f"{GPU_A}: NVMLReady=False (resource version 2)"
+            gpu = rt.core.store.state.gpus[GPU_A]
+            assert [(c.type, c.status, c.reason, c.message) for c in gpu.status.conditions] == [
+                ("Ready", "True", "", ""), ("NVMLReady", "False", "XidCritical", "XID 79")]
+            assert rt.core.store.state.owners[GPU_A] == "device-api-cli"
+
+            out = await cli.ok("set-condition", GPU_A, "NVMLReady", "True", "-o", "json",
+                               "--provider-id", "me")
+            assert "NVMLReady=True (resource version 3)" in out
+            assert rt.core.store.state.owners[GPU_A] == "me"
+
+
+async def test_watch(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with server(tmp_path, (GPU_B, "True"), (GPU_A, "True")) as rt:
+            cli = Cli(rt)
+            # --count N stops after N events: here the two ADDED of the initial snapshot
+            lines = (await cli.ok("watch", "--count", "2")).splitlines()
+            assert [line.split()[:3] for line in lines] == [
+                ["ADDED", GPU_A, "rv=2"], ["ADDED", GPU_B, "rv=1"]]
+            assert lines[0].endswith("Ready=True")
+
+            # live: the snapshot, then the change made after it arrived
+            argv = cli.argv("watch", "--count", "3", "-o", "json")
+            events: list[dict[str, Any]] = []
+            async with trio.open_nursery() as nursery:
+                process: trio.Process = await nursery.start(_piped(argv))
+                assert process.stdout is not None
+                buffer = b""
+                async for chunk in process.stdout:
+                    buffer += chunk
+                    *complete, buffer = buffer.split(b"\n")
+                    events += [json.loads(line) for line in complete]
+                    if len(events) == 2:
+                        await rt.core.store.write(store_ops.UpdateCondition(
+                            GPU_B, pb.Condition(type="Ready", status="False")))
+            assert not buffer
+            assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
+                ("ADDED", GPU_A), ("ADDED", GPU_B), ("MODIFIED", GPU_B)]
+            assert events[2]["object"]["status"]["conditions"][0]["status"] == "False"
+            assert events[2]["object"]["resource_version"] == "3"
+
+            # resume: only what happened after version 2
+            lines = (await cli.ok("watch", "--resource-version", "2", "--count", "1")
+                     ).splitlines()
+            assert [line.split()[:3] for line in lines] == [["MODIFIED", GPU_B, "rv=3"]]
+
+
+def _piped(argv: list[str]) -> Any:
+    """``trio.run_process`` for ``nursery.start``, stdout piped; it must exit 0."""
+
+    async def run(*, task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        result = await trio.run_process(argv, stdout=subprocess.PIPE, capture_stderr=True,
+                                        check=False, task_status=task_status)
+        assert result.returncode == 0, result.stderr.decode()
+
+    return run
+
+
+async def test_errors_exit_1_with_one_line(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with server(tmp_path, (GPU_A, "True")) as rt:
+            cli = Cli(rt)
+            assert await cli.error("get", GPU_C) == (
+                f"device-api: NOT_FOUND: gpu '{GPU_C}' not found")
+            message = await cli.error("get", "not-a-gpu")
+            assert message.startswith("device-api: INVALID_ARGUMENT: name must be a GPU or MIG")
+            assert (await cli.error("set-condition", GPU_C, "Ready", "True")).startswith(
+                "device-api: NOT_FOUND:")
+            assert (await cli.error("watch", "--resource-version", "99")).startswith(
+                "device-api: OUT_OF_RANGE:")
+            missing = str(tmp_path / "nothing-here.sock")
+            result = await trio.run_process(
+                [*cli_command(), "--unix-socket", missing, "list"],
+                capture_stdout=True, capture_stderr=True, check=False)
+            assert result.returncode == 1
+            assert result.stderr.decode().startswith("device-api: cannot reach the server:")
+            # usage errors are argparse's: exit 2
+            usage = await cli.run("set-condition", GPU_A, "Ready", "Maybe")
+            assert usage.returncode == 2
+
+
+async def test_reads_before_ready(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with server(tmp_path, min_gpus=1, provider_timeout=3600.0) as rt:
+            assert await Cli(rt).error("list") == f"device-api: UNAVAILABLE: {WAITING}"
