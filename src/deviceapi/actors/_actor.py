@@ -41,7 +41,8 @@ class ActorExit(Exception):
 
 
 class ActorCrashed(Exception):
-    """The actor crashed while handling this request; the request may or may not have applied."""
+    """The actor stopped (crashed, exited or was cancelled) while handling this request; the
+    request may or may not have applied."""
 
 
 @runtime_checkable
@@ -117,8 +118,10 @@ class Actor(abc.ABC, Generic[M]):
                 if self._faults is not None:
                     await self._faults.before_message(self.name)
                 await self.handle(message)
-            except BaseException as exc:
-                if isinstance(message, ExpectsReply) and not isinstance(exc, ActorExit):
+            except BaseException:
+                # Crash, exit or cancellation before an answer: never leave the caller waiting
+                # (a reply already resolved by ``handle`` is not changed: resolving is one-shot).
+                if isinstance(message, ExpectsReply):
                     message.reply.resolve(outcome.Error(ActorCrashed(self.name)))
                 raise
             finally:

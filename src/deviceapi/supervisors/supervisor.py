@@ -98,10 +98,16 @@ def unwrap(exc: BaseException) -> BaseException:
 
 
 def describe(exc: BaseException | None) -> str:
-    """A one-line reason for logs and error messages."""
+    """A one-line reason for logs and error messages.
+
+    A child supervisor's failure is summarised (who gave up on whom), so that messages stay one
+    level deep; the full chain is in ``__cause__`` (and in :class:`TreeFailed` at the root).
+    """
     if exc is None:
         return "normal"
     exc = unwrap(exc)
+    if isinstance(exc, SupervisorError):
+        return f"{type(exc).__name__}(supervisor={exc.supervisor!r}, child={exc.child!r})"
     if isinstance(exc, BaseExceptionGroup):
         leaves = ", ".join(describe(leaf) for leaf in exc.exceptions)
         return f"{type(exc).__name__}[{leaves}]"
@@ -111,10 +117,13 @@ def describe(exc: BaseException | None) -> str:
 class _Incarnation:
     """One run of one child: its cancel scope, how it ended, and who already dealt with that."""
 
-    __slots__ = ("done", "error", "handled", "killed", "scope", "spec", "started", "stopping")
+    __slots__ = (
+        "done", "error", "handled", "killed", "scope", "spec", "started", "stopping", "task"
+    )
 
     def __init__(self, spec: ChildSpec) -> None:
         self.spec = spec
+        self.task: trio.lowlevel.Task | None = None  # the task that runs it
         self.scope = trio.CancelScope()
         self.done = trio.Event()
         self.started = False
@@ -129,19 +138,28 @@ class _StartWatch(trio.TaskStatus[None]):
 
     Before ``started`` the child runs under its starter's cancellation (a start can always be
     abandoned); after it, the shield keeps a cancelled parent from reaching the children all at
-    once, so the supervisor can stop them one by one in reverse start order.
+    once, so the supervisor can stop them one by one in reverse start order. When the starter
+    was cancelled meanwhile, trio leaves the child where it is to be cancelled: then it never
+    counts as started and must not be shielded.
     """
 
-    __slots__ = ("_inc", "_outer")
+    __slots__ = ("_inc", "_nursery", "_outer", "reported")
 
-    def __init__(self, inc: _Incarnation, outer: trio.TaskStatus[bool]) -> None:
+    def __init__(
+        self, inc: _Incarnation, outer: trio.TaskStatus[bool], nursery: trio.Nursery
+    ) -> None:
         self._inc = inc
         self._outer = outer
+        self._nursery = nursery
+        self.reported = False
 
     def started(self, value: None = None) -> None:
-        self._inc.scope.shield = True
         self._outer.started(True)
-        self._inc.started = True
+        self.reported = True
+        task = self._inc.task
+        if task is not None and task.parent_nursery is self._nursery:
+            self._inc.scope.shield = True
+            self._inc.started = True
 
 
 class _SupervisorBase:
@@ -176,9 +194,9 @@ class _SupervisorBase:
     def _plan(self, failed: str, exit: ExitKind) -> RestartPlan:
         raise NotImplementedError
 
-    def _last_running(self) -> _Incarnation:
-        """The running child to stop next when stopping everything (reverse start order)."""
-        raise NotImplementedError
+    def _in_start_order(self) -> list[_Incarnation]:
+        """Running (and starting) children in start order: stopping goes the other way."""
+        return list(self._running.values())
 
     # -- public ------------------------------------------------------------------------------
 
@@ -189,7 +207,7 @@ class _SupervisorBase:
     def statistics(self) -> SupervisorStatistics:
         return SupervisorStatistics(
             name=self.name,
-            running=tuple(cid for cid, inc in self._running.items() if inc.started),
+            running=tuple(inc.spec.id for inc in self._in_start_order() if inc.started),
             restarts=types.MappingProxyType(dict(self._restart_counts)),
             total_restarts=sum(self._restart_counts.values()),
             kills=self._kills,
@@ -241,9 +259,12 @@ class _SupervisorBase:
 
     async def _child_main(self, inc: _Incarnation, *, task_status: trio.TaskStatus[bool]) -> None:
         """The task around one incarnation: reports started/ignore, then its exit."""
+        assert self._nursery is not None
+        inc.task = trio.lowlevel.current_task()
+        watch = _StartWatch(inc, task_status, self._nursery)
         try:
             with inc.scope:
-                await inc.spec.start(task_status=_StartWatch(inc, task_status))
+                await inc.spec.start(task_status=watch)
         except Exception as exc:
             if not inc.started:
                 inc.done.set()
@@ -254,7 +275,8 @@ class _SupervisorBase:
             raise
         if not inc.started:
             inc.done.set()
-            task_status.started(False)  # returned before started: OTP's ignore
+            if not watch.reported:
+                task_status.started(False)  # returned before started: OTP's ignore
             return
         self._log_exit(inc)
         inc.done.set()
@@ -269,11 +291,13 @@ class _SupervisorBase:
         self._running[spec.id] = inc  # before starting, so an early exit is never orphaned
         try:
             started: bool = await self._nursery.start(self._child_main, inc, name=spec.id)
-        except BaseException:
+        except BaseException as exc:
             # Cancelled can arrive just after the child reported started: then it is running
             # and must stay known, so that stopping everything stops it too.
             if not inc.started:
                 self._forget_incarnation(inc)
+                if isinstance(exc, Exception):
+                    self._log(logging.WARNING, "exit", spec.id, f"start failed: {describe(exc)}")
             raise
         if not started:
             self._forget_incarnation(inc)
@@ -310,7 +334,7 @@ class _SupervisorBase:
         """Stop every running child in reverse start order (callers shield this)."""
         self._closing = True
         while self._running:
-            await self._stop(self._last_running(), "supervisor stopping")
+            await self._stop(self._in_start_order()[-1], "supervisor stopping")
 
     # -- supervising -------------------------------------------------------------------------
 
@@ -370,7 +394,6 @@ class _SupervisorBase:
             try:
                 await self._start(self._specs[cid])
             except Exception as exc:
-                self._log(logging.WARNING, "exit", cid, f"restart failed: {describe(exc)}")
                 exits.append((cid, "crash", exc))
         return None
 
@@ -472,8 +495,8 @@ class Supervisor(_SupervisorBase):
             exit,
         )
 
-    def _last_running(self) -> _Incarnation:
-        return max(self._running.values(), key=lambda inc: self._order[inc.spec.id])
+    def _in_start_order(self) -> list[_Incarnation]:
+        return sorted(self._running.values(), key=lambda inc: self._order[inc.spec.id])
 
 
 class DynamicSupervisor(_SupervisorBase):
@@ -562,6 +585,3 @@ class DynamicSupervisor(_SupervisorBase):
         if not plan.restart:
             return RestartPlan(stop=(), restart=(), remove=(failed,))
         return plan
-
-    def _last_running(self) -> _Incarnation:
-        return next(reversed(self._running.values()))

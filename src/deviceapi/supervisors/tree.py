@@ -53,10 +53,10 @@ class TreeFailed(Exception):
         self.path = tuple(path) or (root,)
         self.root_cause = cause
         top = unwrap(error)
-        detail = str(top) if isinstance(top, SupervisorError) else describe(top)
+        why = "repeated normal exits" if cause is None else describe(cause)
+        detail = f" ({top})" if isinstance(top, SupervisorError) else ""
         super().__init__(
-            f"supervision tree {root!r} failed along {' -> '.join(self.path)}: {detail}"
-            + ("" if cause is None else f"; root cause: {describe(cause)}")
+            f"supervision tree {root!r} failed along {' -> '.join(self.path)}: {why}{detail}"
         )
 
 

@@ -9,23 +9,28 @@ name:
   (a normal exit), ``hang`` sleeps shielded for a duration, so the actor neither serves nor
   answers cancellation (the "hangs past its shutdown timeout" case);
 - *when*: ``now`` (default; reaches an actor even while it idles on its mailbox, through
-  ``wait_injected``), ``after=k`` (let k more messages through, fault on the next one), or
-  ``at="start"`` / ``at="stop"`` (the next time the child starts / is being stopped).
+  ``wait_injected``), ``after=k`` (let k more messages through, fault on the next one, whose
+  caller then hears ``ActorCrashed``), or ``at="start"`` / ``at="stop"`` (the next time the
+  child starts / is being stopped: delivered by ``wrap``, or by an actor that awaits
+  :meth:`FaultInjector.starting` / :meth:`FaultInjector.stopping` in its init / terminate).
 
-Every armed fault is recorded with when it was armed and when it fired (:meth:`history`), for
-chaos reports. Faults armed for an actor that is not running wait for its next incarnation.
+A hang armed ``now`` runs from the moment it is armed for its duration, whichever incarnation
+is running: an actor takes no message until it is over; a wrapped plain child keeps running
+but cannot be cancelled until then. Every armed fault is recorded with when it was armed and
+when it fired (:meth:`FaultInjector.history`), for chaos reports. Faults armed for an actor
+that is not running wait for its next incarnation.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Awaitable
-from typing import Literal, Protocol
+from typing import Literal
 
 import trio
 
 from ..actors import ActorExit
+from ..supervisors import StartFn
 
 FaultKind = Literal["crash", "hang", "exit"]
 Trigger = Literal["now", "message", "start", "stop"]
@@ -34,12 +39,6 @@ At = Literal["now", "start", "stop"]
 
 class InjectedCrash(Exception):
     """The error an injected crash raises unless the test chose another."""
-
-
-class StartFn(Protocol):
-    """A supervised child's start function (structurally ``deviceapi.supervisors.StartFn``)."""
-
-    def __call__(self, *, task_status: trio.TaskStatus[None]) -> Awaitable[None]: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -133,6 +132,8 @@ class FaultInjector:
         armed.remaining = armed.after
         slot = self._slot(actor)
         if trigger == "now":
+            if fault == "hang":  # it hangs from now on, even before the watcher task runs
+                slot.hang_until = max(slot.hang_until, armed.armed_at + duration)
             slot.now.append(armed)
             slot.lot.unpark_all()
         elif trigger == "message":
@@ -232,14 +233,26 @@ class FaultInjector:
         """
 
         async def run(*, task_status: trio.TaskStatus[None]) -> None:
+            injected = False
+
+            async def deliver() -> None:
+                nonlocal injected
+                try:
+                    await self.wait_injected(actor)
+                except trio.Cancelled:
+                    raise
+                except BaseException:
+                    injected = True
+                    raise
+
             try:
                 await self.starting(actor)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self.wait_injected, actor)
+                    nursery.start_soon(deliver)
                     try:
                         await start(task_status=task_status)
                     except trio.Cancelled:
-                        if not nursery.cancel_scope.cancel_called:
+                        if not injected:
                             await self.stopping(actor)  # cancelled from outside: a stop
                         raise
                     nursery.cancel_scope.cancel()
