@@ -146,12 +146,6 @@ async def test_reflection_lists_and_describes_the_services(grpcurl: str,
             assert "repeated string gpu_names = 2;" in heartbeat
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: reflection cannot resolve a method symbol (file_containing_symbol "
-    "'nvidia.device.v1alpha1.GpuService.WatchGpus' answers NOT_FOUND): grpclib's reflection "
-    "asks protobuf's DescriptorPool.FindFileContainingSymbol, which knows services but not "
-    "their methods; the reflection spec (and grpc-go, the reference) accept "
-    "<package>.<service>.<method>"))
 async def test_reflection_describes_a_method(grpcurl: str, tmp_path: Path) -> None:
     with trio.fail_after(20):
         async with server(tmp_path) as rt:
