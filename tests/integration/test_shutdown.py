@@ -178,3 +178,21 @@ async def test_sigterm_force_closes_a_call_that_never_finishes(tmp_path: Path) -
         assert "did not finish in time" in stderr
         assert "Traceback" not in stderr
         assert not await trio.Path(sock).exists()
+
+
+async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
+    """During a long shutdown delay, a second SIGTERM ends the process immediately."""
+    delay, timeout = 60.0, 60.0
+    proc, sock, health = await start_server(tmp_path, delay, timeout)
+    proc.send_signal(signal.SIGTERM)
+    with trio.fail_after(5):
+        await wait_http(health, "/readyz", 503)  # the first signal began the shutdown delay
+    t0 = trio.current_time()
+    proc.send_signal(signal.SIGTERM)
+    with trio.fail_after(5):
+        code = await proc.wait()
+    stderr = await read_stderr(proc)
+    assert trio.current_time() - t0 < 5
+    assert code == 1
+    assert "second signal" in stderr and "Traceback" not in stderr
+    assert not await trio.Path(sock).exists()
