@@ -31,7 +31,7 @@ test: .venv/.installed tools
 	$(PY) -m pytest -q
 
 lint: .venv/.installed
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench examples
 	$(PY) -m mypy
 
 run: .venv/.installed

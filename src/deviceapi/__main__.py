@@ -17,7 +17,7 @@ import trio
 
 from ._config import Config, ConfigError, parse_config
 from ._logging import configure_logging
-from .supervisors import describe
+from .supervisors import describe, unwrap
 
 log = logging.getLogger("deviceapi.main")
 
@@ -37,7 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # startup failures and escalations: one clear line, no traceback
-        log.error("server stopped", extra={"reason": describe(exc)})
+        # The innermost cause is what an operator can act on (e.g. the socket path is a file).
+        cause = unwrap(exc)
+        while cause.__cause__ is not None:
+            cause = unwrap(cause.__cause__)
+        log.error(f"server stopped: {cause}", extra={"reason": describe(exc)})
         return 1
     return 0
 

@@ -303,6 +303,8 @@ def validate(config: Config) -> None:
     config.grpc_host_port()  # raises on a malformed address
     if not config.grpc_address and not config.unix_socket:
         raise ConfigError("--grpc-address and --unix-socket are both empty: nothing to serve on")
+    if not 1 <= config.max_concurrent_streams <= 2**31 - 1:
+        raise ConfigError("--max-concurrent-streams must be between 1 and 2147483647")
     for name in ("max_watchers", "watch_queue", "watch_history", "max_gpus"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")

@@ -894,11 +894,6 @@ async def test_shutdown_ends_watch_streams_with_ok(stubs: types.SimpleNamespace,
         await _wait_sockets_closed(before)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: shutdown (and runtime teardown) never closes accepted client connections: "
-    "grpclib's Server.close() only cancels running calls, and GrpcServer.close() closes "
-    "only the listening sockets, so an idle client gets neither GOAWAY nor EOF and the "
-    "server's end of the socket stays open until garbage collection (ResourceWarning)"))
 async def test_shutdown_closes_client_connections(tmp_path: Path) -> None:
     """After a completed shutdown, a connected client sees its connection closed.
 

@@ -305,19 +305,6 @@ async def test_heartbeats_reach_the_server(
 
 # ---- 8. the sidecar's service loop across a server restart ---------------------------------
 
-LEAKED_CONNECTION = (
-    "BUG: GrpcServer.close (src/deviceapi/transport/grpc_server.py, close()) stops the grpclib "
-    "Servers but never closes their established HTTP/2 connections: grpclib's Server.close() only "
-    "cancels running handlers, so an idle client connection stays open (its server-side transport "
-    "is orphaned with the runtime's asyncio loop: fd leak, ResourceWarning) and every call on it "
-    "hangs until the client's deadline (30 s) instead of failing at once. Fix: record the "
-    "protocols in LimitedServer._protocol_factory (transport/_h2limits.py; a WeakSet) and in "
-    "GrpcServer.close(), after wait_closed(), close each one's connection "
-    "(protocol.connection.close(), ideally after a GOAWAY)."
-)
-
-
-
 @asynccontextmanager
 async def provider_through_proxy(
     tmp_path: Path, config: Config, options: PollerOptions
@@ -344,7 +331,7 @@ async def provider_through_proxy(
 @asynccontextmanager
 async def server(config: Config, proxy: UnixProxy) -> AsyncIterator[Runtime]:
     """An in-process server that, when the block ends, dies as a process would: the provider's
-    connections end (the in-process server would leave them open: LEAKED_CONNECTION)."""
+    connections end at once."""
     async with open_test_runtime(config) as rt:
         proxy.down = False
         try:
@@ -425,8 +412,6 @@ async def test_sidecar_reregisters_when_the_server_is_back_before_its_next_call(
             check_second_server(second)
 
 
-@pytest.mark.xfail(strict=True, reason=LEAKED_CONNECTION)
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the leak
 async def test_a_stopped_server_drops_its_clients_connections(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:

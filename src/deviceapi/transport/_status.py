@@ -56,7 +56,9 @@ def rpc_errors(method: str, on_reject: Callable[[str], None] | None = None) -> I
     """Map whatever the body raises to the right gRPC status."""
     try:
         yield
-    except GRPCError:
+    except GRPCError as exc:
+        if on_reject is not None:
+            on_reject(exc.status.name.lower())
         raise
     except DeviceApiError as exc:
         if on_reject is not None:

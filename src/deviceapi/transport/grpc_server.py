@@ -30,19 +30,24 @@ from grpclib.const import Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
-from grpclib.reflection.service import ServerReflection
-from grpclib.server import Server
 
 from .._config import Config
 from ..actors.core import Core
 from ..actors.readiness import Readiness
 from . import _bridge
+from ._h2limits import LimitedServer
+from ._limits import limit_requests
+from ._reflection import reflection_services
 from .gpu_service import GpuService
 from .provider_service import ProviderService
 
 log = logging.getLogger("deviceapi.grpc")
 
 MappingWrapper = Callable[[dict[str, Handler]], dict[str, Handler]]
+
+
+#: Seconds between the last call finishing and the connections being closed.
+CLOSE_LINGER = 0.2
 
 
 class SocketPathError(RuntimeError):
@@ -53,30 +58,48 @@ def prepare_socket_path(path: str) -> None:
     """Create the socket's directory (0750) and remove a stale socket.
 
     Never deletes anything that is not a socket: a regular file, directory or symlink at the
-    path stops the server with a clear error instead.
+    path stops the server with a clear error instead. A directory that already exists is the
+    operator's (it may be /run or /tmp): its mode is left alone.
     """
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o750, exist_ok=True)
-    with contextlib.suppress(PermissionError):
-        os.chmod(directory, 0o750)
+    try:
+        os.makedirs(directory, mode=0o750)
+    except FileExistsError:
+        if not os.path.isdir(directory):
+            raise SocketPathError(
+                f"--unix-socket {path}: {directory} exists and is not a directory") from None
+    except NotADirectoryError:
+        raise SocketPathError(
+            f"--unix-socket {path}: a parent of {directory} is not a directory") from None
+    else:
+        os.chmod(directory, 0o750)  # makedirs' mode went through the umask
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode):
-        kind = "symlink" if stat.S_ISLNK(info.st_mode) else "file that is not a socket"
         raise SocketPathError(
-            f"--unix-socket {path} exists and is a {kind}; refusing to replace it")
+            f"--unix-socket {path} exists and is a {_kind(info.st_mode)}, not a socket; "
+            "refusing to replace it")
     log.info("removing stale socket", extra={"reason": path})
     os.unlink(path)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "regular file" if stat.S_ISREG(mode) else "special file"
 
 
 class _InFlight:
     """Counts running calls so a graceful stop can wait for them; refuses new ones when draining."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_refused: Callable[[], None] | None = None) -> None:
         self.count = 0
         self.draining = False
+        self._on_refused = on_refused
         self._idle = trio.Event()
         self._idle.set()
 
@@ -87,6 +110,8 @@ class _InFlight:
     def _track(self, func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
         async def tracked(stream: Any) -> None:
             if self.draining:
+                if self._on_refused is not None:
+                    self._on_refused()
                 raise GRPCError(Status.UNAVAILABLE, "server shutting down")
             self.count += 1
             if self.count == 1:
@@ -128,8 +153,9 @@ class GrpcServer:
         self.core = core
         self.config = config
         self._wrappers = list(wrappers)
-        self._inflight = _InFlight()
-        self._servers: list[Server] = []
+        observer = core.observer
+        self._inflight = _InFlight(lambda: observer.on_reject("unavailable"))
+        self._servers: list[LimitedServer] = []
         self._socket_path: str | None = None
         self.listeners = Listeners(None, None)
 
@@ -152,8 +178,21 @@ class GrpcServer:
             for wrap in self._wrappers:
                 mapping = wrap(mapping)
             mapped.append(_Service(self._inflight.wrap(mapping)))
-        reflection = ServerReflection.extend([gpu, provider, health])[3:]
-        return [*mapped, health, *reflection]
+        reflection = reflection_services([gpu, provider, health])
+        observer = self.core.observer
+        limit = self.config.max_receive_message_bytes
+        guarded = [_Service(limit_requests(s.__mapping__(), limit,
+                                           lambda reason: observer.on_reject(reason)))
+                   for s in (health, *reflection)]
+        return [*mapped, *guarded]
+
+    def _server(self, servables: list[Any]) -> LimitedServer:
+        """A grpclib server whose connections enforce --max-concurrent-streams; a stream
+        refused past it counts as a rejected request."""
+        observer = self.core.observer
+        return LimitedServer(
+            servables, max_concurrent_streams=self.config.max_concurrent_streams,
+            on_refused=lambda: observer.on_reject("max_concurrent_streams"))
 
     async def run(self, *, task_status: trio.TaskStatus[Listeners] = trio.TASK_STATUS_IGNORED,
                   ) -> None:
@@ -163,7 +202,7 @@ class GrpcServer:
             if self.config.unix_socket:
                 path = self.config.unix_socket
                 prepare_socket_path(path)
-                server = Server(servables)
+                server = self._server(servables)
                 self._servers.append(server)
                 await _bridge.aio_as_trio(server.start)(path=path)
                 os.chmod(path, 0o660)
@@ -178,7 +217,7 @@ class GrpcServer:
                         "gRPC listens on a non-loopback address; the API is unauthenticated",
                         extra={"peer": self.config.grpc_address},
                     )
-                server = Server(servables)
+                server = self._server(servables)
                 self._servers.append(server)
                 await _bridge.aio_as_trio(server.start)(host, port)
                 listening = server._server
@@ -218,6 +257,13 @@ class GrpcServer:
         for server in servers:
             with contextlib.suppress(RuntimeError):
                 await _bridge.aio_as_trio(server.wait_closed)()
+        if any(server.open_connections for server in servers):
+            # Answers just written may not be read yet, and grpclib's client fails every stream
+            # of a connection that closes: let them land, then close (a client on an idle
+            # connection then fails at once instead of at its deadline).
+            await trio.sleep(CLOSE_LINGER)
+            for server in servers:
+                server.close_connections()
         self.remove_socket()
 
     def remove_socket(self) -> None:
