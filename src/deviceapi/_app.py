@@ -16,6 +16,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Protocol, runtime_checkable
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -32,7 +33,7 @@ from .client.trio_client import TrioProviderClient
 from .nvml_actor import NvmlPoller, PollerOptions, ProviderApi, PynvmlBackend
 from .nvml_actor.service import run_nvml_provider
 from .sim import SimulatedProvider
-from .supervisors import ChildSpec, Supervisor
+from .supervisors import ChildSpec, StartFn, Supervisor
 from .transport import _bridge
 from .transport.grpc_server import GrpcServer, Listeners, MappingWrapper
 from .transport.http import health_app, metrics_app, serve_http
@@ -72,6 +73,13 @@ class Runtime:
                         extra={"reason": f"{self.grpc.in_flight} calls"})
         await self.grpc.close()
         self.cancel_scope.cancel()
+
+
+@runtime_checkable
+class ChildFaults(Protocol):
+    """A fault kit that can also wrap plain children (``deviceapi.testing.FaultInjector``)."""
+
+    def wrap(self, actor: str, start: StartFn) -> StartFn: ...
 
 
 @dataclasses.dataclass(slots=True)
@@ -123,16 +131,22 @@ async def open_runtime(
                            on_update=lambda operation: core.observer.on_update(operation))
         restarts = metrics.count_restart
 
+        def injectable(name: str, start: StartFn) -> StartFn:
+            """Let the fault kit crash, hang or stop this plain (non-actor) child by name."""
+            return faults.wrap(name, start) if isinstance(faults, ChildFaults) else start
+
         core_tree = Supervisor(
             "core",
             [
                 ChildSpec("cache_owner", owner.run),
                 ChildSpec("readiness_timer", _bind(run_readiness_timer, core.gate),
                           restart="transient"),
-                ChildSpec("heartbeat_monitor",
-                          _bind(run_heartbeat_monitor, core.sessions, core.store.submit)),
-                ChildSpec("watch_janitor",
-                          _bind(run_watch_janitor, core.hub, config.slow_subscriber_timeout)),
+                ChildSpec("heartbeat_monitor", injectable(
+                    "heartbeat_monitor",
+                    _bind(run_heartbeat_monitor, core.sessions, core.store.submit))),
+                ChildSpec("watch_janitor", injectable(
+                    "watch_janitor",
+                    _bind(run_watch_janitor, core.hub, config.slow_subscriber_timeout))),
             ],
             strategy="rest_for_one",
             max_restarts=10,
@@ -163,9 +177,10 @@ async def open_runtime(
         children = [
             ChildSpec("http", run_http),
             ChildSpec("core", core_tree.run, type="supervisor", shutdown=float("inf")),
-            ChildSpec("grpc", run_grpc, shutdown=config.shutdown_timeout + 5),
+            ChildSpec("grpc", injectable("grpc", run_grpc), shutdown=config.shutdown_timeout + 5),
         ]
-        provider_specs = _provider_children(config, lambda: listeners_box[-1], metrics)
+        provider_specs = _provider_children(config, lambda: listeners_box[-1], metrics,
+                                            injectable)
         if provider_specs:
             children.append(ChildSpec(
                 "providers",
@@ -201,7 +216,8 @@ async def connect_loopback(listeners: Listeners) -> TrioProviderClient:
 
 
 def _provider_children(config: Config, listeners: Callable[[], Listeners],
-                       metrics: ServerMetrics) -> list[ChildSpec]:
+                       metrics: ServerMetrics,
+                       injectable: Callable[[str, StartFn], StartFn]) -> list[ChildSpec]:
     """Built-in providers (each a transient child that reaches the server over loopback)."""
     specs: list[ChildSpec] = []
     if config.enable_nvml_provider:
@@ -227,7 +243,7 @@ def _provider_children(config: Config, listeners: Callable[[], Listeners],
             await run_nvml_provider(lambda: PynvmlBackend(config.nvml_driver_root), connect,
                                     options, on_poller=pollers.append, task_status=task_status)
 
-        specs.append(ChildSpec("nvml", nvml))
+        specs.append(ChildSpec("nvml", injectable("nvml", nvml)))
     if config.simulate:
 
         async def simulator(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -241,5 +257,6 @@ def _provider_children(config: Config, listeners: Callable[[], Listeners],
             finally:
                 api.close()
 
-        specs.append(ChildSpec("simulator", simulator, restart="transient"))
+        specs.append(ChildSpec("simulator", injectable("simulator", simulator),
+                               restart="transient"))
     return specs

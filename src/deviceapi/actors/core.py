@@ -27,6 +27,10 @@ def _noop(_: str) -> None:
     return None
 
 
+def _noop_count(_: str, n: int) -> None:
+    return None
+
+
 @dataclasses.dataclass(slots=True)
 class Observer:
     """Push-style hooks for counters (metrics plug in here; defaults do nothing)."""
@@ -35,7 +39,7 @@ class Observer:
     on_evict: Callable[[str], None] = _noop
     on_heartbeat_timeout: Callable[[str], None] = _noop
     on_reject: Callable[[str], None] = _noop
-    on_watch_event: Callable[[str], None] = _noop
+    on_watch_event: Callable[[str, int], None] = _noop_count
 
 
 @dataclasses.dataclass(slots=True)

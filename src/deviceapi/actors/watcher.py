@@ -30,6 +30,7 @@ from typing import Literal
 import trio
 
 from .._errors import OutOfRange, ResourceExhausted, Unavailable
+from ..proto.device.v1alpha1.gpu_pb2 import Gpu, WatchGpusResponse
 from ._store import Event, State
 
 log = logging.getLogger("deviceapi.watch")
@@ -59,10 +60,19 @@ class StreamEnd:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Delivery:
-    """One event queued for a subscriber, and the version it can resume from once it has it."""
+    """One event queued for a subscriber, and the version it can resume from once it has it.
+
+    ``data`` is the event as a serialized ``WatchGpusResponse``, made once per event and shared
+    by every subscriber (fan-out must not serialize per watcher)."""
 
     event: Event
     resume_rv: int
+    data: bytes
+
+
+def encode_event(event: Event) -> bytes:
+    """The wire form of one watch event (a serialized WatchGpusResponse)."""
+    return WatchGpusResponse(type=event.type, object=event.gpu).SerializeToString()
 
 
 class Subscription:
@@ -114,13 +124,13 @@ class Subscription:
     def stalled(self, now: float, timeout: float) -> bool:
         return self.pending > 0 and now - self._last_progress >= timeout
 
-    def _offer(self, event: Event, now: float) -> bool:
+    def _offer(self, delivery: Delivery, now: float) -> bool:
         """Queue a live event; False when the queue is full (the caller evicts)."""
         if len(self._live) >= self._capacity:
             return False
         if self.pending == 0:
             self._last_progress = now  # the stall clock starts when there is work to accept
-        self._live.append(Delivery(event, event.rv))
+        self._live.append(delivery)
         return True
 
     def _finish(self, end: StreamEnd) -> None:
@@ -180,6 +190,7 @@ class WatchHub:
         self._delivered_closed = 0
         self.on_evict: Callable[[str], None] | None = None
         self._closed = False
+        self._added_cache: dict[str, Delivery] = {}
 
     def subscribe(self, from_rv: int) -> Subscription:
         """Open a subscription: ADDED for every GPU (``from_rv == 0``) or a replay of every
@@ -199,10 +210,10 @@ class WatchHub:
             )
         state = self._read_state()
         if from_rv == 0:
-            names = sorted(state.gpus)
-            backlog = [Delivery(Event("ADDED", state.gpus[n]), 0) for n in names]
+            backlog = [self._added(state.gpus[name]) for name in sorted(state.gpus)]
             if backlog:
-                backlog[-1] = Delivery(backlog[-1].event, state.rv)
+                last = backlog[-1]
+                backlog[-1] = Delivery(last.event, state.rv, last.data)
             resume_rv = 0 if backlog else state.rv
         else:
             if from_rv > state.rv:
@@ -213,13 +224,24 @@ class WatchHub:
             replay = self._events_after(from_rv)
             if replay is None:
                 raise OutOfRange(f"resource version {from_rv} is too old; relist")
-            backlog = [Delivery(e, e.rv) for e in replay]
+            backlog = [Delivery(e, e.rv, encode_event(e)) for e in replay]
             resume_rv = from_rv
         sub = Subscription(next(self._ids), self.queue_size, backlog, resume_rv, now)
         self._subs[sub.id] = sub
         self._subscribed_total += 1
         log.debug("watch subscribed", extra={"watcher": sub.id, "resource_version": from_rv})
         return sub
+
+    def _added(self, gpu: Gpu) -> Delivery:
+        """The snapshot's ADDED event for ``gpu``, encoded once per GPU version (many watchers
+        subscribing at once, e.g. after a restart, share it)."""
+        name = gpu.metadata.name
+        cached = self._added_cache.get(name)
+        if cached is None or cached.event.rv != gpu.resource_version:
+            event = Event("ADDED", gpu)
+            cached = Delivery(event, 0, encode_event(event))
+            self._added_cache[name] = cached
+        return cached
 
     def unsubscribe(self, sub: Subscription) -> None:
         """The stream is over (ended, cancelled or failed): free its slot and queue."""
@@ -228,14 +250,18 @@ class WatchHub:
             sub._finish(StreamEnd("closed", "client gone", sub.resume_rv))
 
     def on_commit(self, state: State, events: Sequence[Event]) -> None:
+        for event in events:
+            if event.type == "DELETED":
+                self._added_cache.pop(event.gpu.metadata.name, None)
         if not events or not self._subs:
             return
         now = trio.current_time()
+        deliveries = [Delivery(e, e.rv, encode_event(e)) for e in events]
         for sub in list(self._subs.values()):
             if sub.end is not None:
                 continue
-            for event in events:
-                if not sub._offer(event, now):
+            for delivery in deliveries:
+                if not sub._offer(delivery, now):
                     self.evict(sub, "queue_full")
                     break
             else:

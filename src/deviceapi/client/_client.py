@@ -156,5 +156,7 @@ def is_retryable(error: BaseException) -> bool:
     if isinstance(error, GRPCError):
         return error.status in {Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED,
                                 Status.OUT_OF_RANGE, Status.ABORTED, Status.DEADLINE_EXCEEDED}
+    if isinstance(error, AttributeError) and "_transport" in str(error):
+        return True  # grpclib's client when the connection dropped while it was being made
     return isinstance(error, (ConnectionError, OSError, StreamTerminatedError))
 

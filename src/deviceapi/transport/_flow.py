@@ -1,30 +1,81 @@
-"""Send a stream message only when HTTP/2 flow control lets all of it go at once.
+"""Writing watch events: pre-encoded, several per HTTP/2 write, and only whole messages.
 
-grpclib writes a message in as many DATA frames as the peer's window allows, waiting in between.
-If a watch stream were abandoned (evicted) in that wait, the client would be left with half a
-message and could not read the RESOURCE_EXHAUSTED status behind it. So before each message the
-watch pump waits — cancellably, and without writing anything — until the stream's window
-(which in h2 is the smaller of the stream's and the connection's) holds the whole message; the
-send itself then completes without suspending. This reads grpclib's protocol-level stream
-(``Stream._stream``): the same seam as _limits.py.
+Fan-out is the hot path (every commit times every watcher), so events arrive here already
+serialized once (the hub shares the bytes between watchers) and a stream's queued events go out
+in one DATA frame instead of one write each.
+
+Flow control: grpclib writes a message in as many DATA frames as the peer's window allows,
+waiting in between. If a stream were abandoned (evicted) in that wait, the client would be left
+with half a message and could not read the RESOURCE_EXHAUSTED status behind it. So the writer
+first waits — cancellably, without writing anything — until the window and the transport can
+take a whole group of messages, and keeps a group within one frame so the write itself does not
+suspend. ``writing`` tells the pump when a (larger than one frame) message is on its way, so an
+eviction lets it finish. This reads grpclib's protocol-level stream (``Stream._stream``): the
+same seam as _limits.py.
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from typing import Any
 
 from grpclib.server import Stream
 
+_PREFIX = struct.Struct(">?I")
 
-async def wait_send_window(stream: Stream[Any, Any], message_size: int) -> None:
-    """Wait until ``message_size`` bytes (plus the 5-byte gRPC prefix) fit the send window.
 
-    A message larger than the peer's initial window could never fit; for that one we wait for
-    a full window only (and accept that it may be written in several frames).
-    """
-    raw = stream._stream
-    h2 = raw._h2_connection
-    needed = min(message_size + 5, h2.remote_settings.initial_window_size)
-    while raw.id is not None and h2.local_flow_control_window(raw.id) < needed:
-        raw.window_updated.clear()
-        await raw.window_updated.wait()
+def frame(message: bytes) -> bytes:
+    """The 5-byte gRPC prefix (uncompressed, length) and the message."""
+    return _PREFIX.pack(False, len(message)) + message
+
+
+class StreamWriter:
+    """Whole-message writes of pre-encoded messages to one server stream."""
+
+    def __init__(self, stream: Stream[Any, Any]) -> None:
+        self._stream = stream
+        self._raw = stream._stream
+        self._h2 = self._raw._h2_connection
+        self.writing = False
+        self._started = False
+
+    def _window(self) -> int:
+        stream_id = self._raw.id
+        assert stream_id is not None, "a server stream has its id from the request"
+        return int(self._h2.local_flow_control_window(stream_id))
+
+    async def _wait_writable(self, size: int) -> None:
+        """Wait until ``size`` bytes fit the send window (capped at the peer's initial window:
+        a bigger message could never fit) and the transport accepts writes."""
+        raw = self._raw
+        needed = min(size, self._h2.remote_settings.initial_window_size)
+        while True:
+            await raw.connection.write_ready.wait()
+            if self._window() >= needed:
+                return
+            raw.window_updated.clear()
+            await raw.window_updated.wait()
+
+    async def write_some(self, messages: Sequence[bytes]) -> int:
+        """Write the first few of ``messages`` (at least one) in one go; return how many."""
+        if not self._started:
+            await self._stream.send_initial_metadata()
+            self._started = True
+        first = _PREFIX.size + len(messages[0])
+        await self._wait_writable(first)
+        budget = max(first, min(self._window(), self._h2.max_outbound_frame_size))
+        parts: list[bytes] = []
+        size = 0
+        for message in messages:
+            framed = _PREFIX.size + len(message)
+            if parts and size + framed > budget:
+                break
+            parts.append(frame(message))
+            size += framed
+        self.writing = True
+        try:
+            await self._raw.send_data(b"".join(parts))
+        finally:
+            self.writing = False
+        return len(parts)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from google.protobuf.empty_pb2 import Empty
 from grpclib.const import Status
@@ -13,24 +15,29 @@ from grpclib.server import Stream
 
 from .._errors import InvalidArgument, NotFound
 from ..actors import _store as store_ops
+from ..actors._store import State
 from ..actors.core import Core
 from ..actors.watcher import StreamEnd, Subscription
 from ..proto.device.v1alpha1 import gpu_grpc
 from ..proto.device.v1alpha1 import gpu_pb2 as pb
 from ._calls import provider_of, read_barrier, write
-from ._flow import wait_send_window
+from ._codec import PreEncoded
+from ._flow import StreamWriter
 from ._limits import recv_request
 from ._status import rpc_errors
 
 SERVICE = "nvidia.device.v1alpha1.GpuService"
-#: Events a watch stream sends per wake-up before checking for new ones.
+#: Events a watch stream takes per wake-up before checking for new ones.
 WATCH_BATCH = 64
+#: Seconds an evicted stream's message already on its way may take to finish.
+FINISH_GRACE = 5.0
 
 
 class GpuService(gpu_grpc.GpuServiceBase):
     def __init__(self, core: Core) -> None:
         self.core = core
         self._limit = core.config.max_receive_message_bytes
+        self._list_cache: tuple[int, bytes] = (-1, b"")
 
     def _errors(self, method: str) -> contextlib.AbstractContextManager[None]:
         return rpc_errors(f"{SERVICE}/{method}", self.core.observer.on_reject)
@@ -53,10 +60,20 @@ class GpuService(gpu_grpc.GpuServiceBase):
             await recv_request(stream, self._limit)
             self.core.gate.check_read()
             await read_barrier(self.core)
-            state = self.core.store.state
+            data = self._list_response(self.core.store.state)
+        await stream.send_message(cast(pb.ListGpusResponse, PreEncoded(data)))
+
+    def _list_response(self, state: State) -> bytes:
+        """The serialized ListGpusResponse of ``state``, built once per resource version: a
+        relist storm (every informer after a restart) costs one serialization, not one each."""
+        cached_rv, cached = self._list_cache
+        if cached_rv != state.rv or not cached:
             items = [state.gpus[name] for name in sorted(state.gpus)]
-        await stream.send_message(pb.ListGpusResponse(gpu_list=pb.GpuList(
-            metadata=pb.ListMeta(resource_version=str(state.rv)), items=items)))
+            cached = pb.ListGpusResponse(gpu_list=pb.GpuList(
+                metadata=pb.ListMeta(resource_version=str(state.rv)), items=items,
+            )).SerializeToString()
+            self._list_cache = (state.rv, cached)
+        return cached
 
     async def WatchGpus(self, stream: Stream[pb.WatchGpusRequest, pb.WatchGpusResponse]) -> None:
         hub = self.core.hub
@@ -67,7 +84,8 @@ class GpuService(gpu_grpc.GpuServiceBase):
                                               "opts.resource_version")
             subscription = hub.subscribe(from_rv)
         try:
-            end = await _pump(stream, subscription, self.core.observer.on_watch_event)
+            end = await _pump(stream, subscription, self.core.observer.on_watch_event,
+                              min(FINISH_GRACE, self.core.config.slow_subscriber_timeout))
         finally:
             hub.unsubscribe(subscription)
         if end.kind == "closed":
@@ -125,18 +143,21 @@ class GpuService(gpu_grpc.GpuServiceBase):
 async def _pump(
     stream: Stream[pb.WatchGpusRequest, pb.WatchGpusResponse],
     subscription: Subscription,
-    on_event: Any,
+    on_events: Callable[[str, int], None],
+    finish_grace: float,
 ) -> StreamEnd:
     """Send the subscription's events until it ends; return how it ended.
 
     Sending runs in its own task so that an eviction can abandon a client that stopped reading
-    (HTTP/2 flow control) and still end the stream with a status; a message is only started
-    when the window holds all of it, so the abandoned task never leaves half a message.
-    A send failure (client gone) propagates; cancellation (client cancel) cancels the sender.
+    (HTTP/2 flow control) and still end the stream with a status. Nothing is written until a
+    whole group of messages can go at once (see _flow.py); when a large message is already on
+    its way, the eviction lets it finish for up to ``finish_grace`` seconds. A send failure
+    (client gone) propagates; cancellation (client cancel) cancels the sender.
     """
     loop = asyncio.get_running_loop()
     ended: asyncio.Future[StreamEnd] = loop.create_future()
     wakeup: asyncio.Future[None] | None = None
+    writer = StreamWriter(stream)
 
     def on_change() -> None:
         if subscription.end is not None:
@@ -147,19 +168,22 @@ async def _pump(
 
     async def send_loop() -> None:
         nonlocal wakeup
-        while True:
+        while subscription.end is None:
             batch = subscription.take(WATCH_BATCH)
             if not batch:
                 wakeup = loop.create_future()
                 await wakeup
                 continue
-            for item in batch:
-                event = item.event
-                response = pb.WatchGpusResponse(type=event.type, object=event.gpu)
-                await wait_send_window(stream, response.ByteSize())
-                await stream.send_message(response)
-                subscription.delivered(item, loop.time())
-                on_event(event.type)
+            sent = 0
+            while sent < len(batch) and subscription.end is None:
+                count = await writer.write_some([d.data for d in batch[sent:]])
+                now = loop.time()
+                for delivery in batch[sent:sent + count]:
+                    subscription.delivered(delivery, now)
+                sent += count
+            for event_type, n in collections.Counter(d.event.type for d in batch[:sent]).items():
+                on_events(event_type, n)
+            await asyncio.sleep(0)  # one stream's backlog must not hold up the others
 
     subscription.on_change = on_change
     on_change()  # it may have ended already
@@ -167,6 +191,8 @@ async def _pump(
     try:
         racers: list[asyncio.Future[Any]] = [sender, ended]
         await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
+        if ended.done() and writer.writing:
+            await asyncio.wait([sender], timeout=finish_grace)
     finally:
         subscription.on_change = None
         if not sender.done():

@@ -35,6 +35,7 @@ from .._config import Config
 from ..actors.core import Core
 from ..actors.readiness import Readiness
 from . import _bridge
+from ._codec import Codec
 from ._h2limits import LimitedServer
 from ._limits import limit_requests
 from ._reflection import reflection_services
@@ -186,12 +187,17 @@ class GrpcServer:
                    for s in (health, *reflection)]
         return [*mapped, *guarded]
 
+    def _backlog(self) -> int:
+        """Room in the accept queue for every watcher reconnecting at once (after a restart
+        all informers come back together; grpclib's default of 100 refused the rest)."""
+        return max(128, self.config.max_watchers + 64)
+
     def _server(self, servables: list[Any]) -> LimitedServer:
         """A grpclib server whose connections enforce --max-concurrent-streams; a stream
         refused past it counts as a rejected request."""
         observer = self.core.observer
         return LimitedServer(
-            servables, max_concurrent_streams=self.config.max_concurrent_streams,
+            servables, codec=Codec(), max_concurrent_streams=self.config.max_concurrent_streams,
             on_refused=lambda: observer.on_reject("max_concurrent_streams"))
 
     async def run(self, *, task_status: trio.TaskStatus[Listeners] = trio.TASK_STATUS_IGNORED,
@@ -204,7 +210,7 @@ class GrpcServer:
                 prepare_socket_path(path)
                 server = self._server(servables)
                 self._servers.append(server)
-                await _bridge.aio_as_trio(server.start)(path=path)
+                await _bridge.aio_as_trio(server.start)(path=path, backlog=self._backlog())
                 os.chmod(path, 0o660)
                 self._socket_path = path
                 log.info("listening on unix socket", extra={"peer": path})
@@ -219,7 +225,7 @@ class GrpcServer:
                     )
                 server = self._server(servables)
                 self._servers.append(server)
-                await _bridge.aio_as_trio(server.start)(host, port)
+                await _bridge.aio_as_trio(server.start)(host, port, backlog=self._backlog())
                 listening = server._server
                 assert isinstance(listening, asyncio.Server)
                 tcp_port = listening.sockets[0].getsockname()[1]
