@@ -29,6 +29,8 @@ from ._status import rpc_errors
 SERVICE = "nvidia.device.v1alpha1.GpuService"
 #: Events a watch stream takes per wake-up before checking for new ones.
 WATCH_BATCH = 64
+#: ListGpus answers being written at once (each holds a copy of the whole list).
+LIST_SENDERS = 4
 #: Seconds an evicted stream's message already on its way may take to finish.
 FINISH_GRACE = 5.0
 
@@ -38,6 +40,7 @@ class GpuService(gpu_grpc.GpuServiceBase):
         self.core = core
         self._limit = core.config.max_receive_message_bytes
         self._list_cache: tuple[int, bytes] = (-1, b"")
+        self._list_senders = asyncio.Semaphore(LIST_SENDERS)
 
     def _errors(self, method: str) -> contextlib.AbstractContextManager[None]:
         return rpc_errors(f"{SERVICE}/{method}", self.core.observer.on_reject)
@@ -61,7 +64,11 @@ class GpuService(gpu_grpc.GpuServiceBase):
             self.core.gate.check_read()
             await read_barrier(self.core)
             data = self._list_response(self.core.store.state)
-        await stream.send_message(cast(pb.ListGpusResponse, PreEncoded(data)))
+        # grpclib copies the whole answer into a frame buffer per call: with every informer
+        # relisting at once that is hundreds of megabytes, so only a few go out at a time, and a
+        # client that does not read its answer loses its slot after the slow-subscriber timeout.
+        async with self._list_senders, asyncio.timeout(self.core.config.slow_subscriber_timeout):
+            await stream.send_message(cast(pb.ListGpusResponse, PreEncoded(data)))
 
     def _list_response(self, state: State) -> bytes:
         """The serialized ListGpusResponse of ``state``, built once per resource version: a
