@@ -73,7 +73,10 @@ WEIGHTS = {
     "owner_crash": 3, "owner_crash_after": 2, "owner_exit": 1, "owner_hang": 1,
     "watch_end": 3, "watch_stall": 2, "watch_disconnect": 1,
     "provider_disconnect": 3, "provider_restart": 2, "provider_pause": 1,
+    "monitor_crash": 1, "janitor_crash": 1,
 }
+#: Plain (non-actor) children of the core tree that the fault kit can crash by name.
+CHILD_TARGETS = {"monitor_crash": "heartbeat_monitor", "janitor_crash": "watch_janitor"}
 KINDS = tuple(WEIGHTS)
 RESUMABLE = {"OK", Status.UNAVAILABLE.name, Status.RESOURCE_EXHAUSTED.name,
              Status.OUT_OF_RANGE.name, "StreamTerminatedError", "ConnectionResetError",
@@ -444,6 +447,10 @@ class Chaos:
             else:
                 self.faults.hang("cache_owner", o.hang_s)
             nursery.start_soon(self.recover_owner, record, len(self.faults.history()) - 1)
+        elif kind in CHILD_TARGETS:
+            record.target = CHILD_TARGETS[kind]
+            self.faults.crash(record.target)
+            nursery.start_soon(self.recover_child, record, len(self.faults.history()) - 1)
         elif kind == "watch_end":
             ids = self.rt.core.hub.subscription_ids()
             target = self.rng.choice(ids) if ids else -1
@@ -491,6 +498,25 @@ class Chaos:
                 except Exception:  # the probe itself met the crash: try again
                     await trio.sleep(0.001)
             fired = fired_at()
+            assert fired is not None
+            record.recovered_after = trio.current_time() - fired
+
+    async def recover_child(self, record: FaultRecord, injection: int) -> None:
+        """Recovered when the supervisor has restarted the crashed child (its restart count
+        went up after the fault fired)."""
+        name = record.target
+        registry = self.rt.metrics.registry
+
+        def restarts() -> float:
+            value = registry.get_sample_value(
+                "device_api_server_actor_restarts_total", {"actor": name})
+            return value or 0.0
+
+        before = restarts()
+        with trio.move_on_after(self.options.recover_timeout):
+            await wait_until(lambda: self.faults.history()[injection].fired_at is not None)
+            await wait_until(lambda: restarts() > before)
+            fired = self.faults.history()[injection].fired_at
             assert fired is not None
             record.recovered_after = trio.current_time() - fired
 
@@ -686,7 +712,8 @@ async def run_chaos(options: ChaosOptions, socket_dir: str | Path,
                              and rt.grpc.in_flight == 0)
         hub = rt.core.hub.statistics()
         owner_fired = sum(1 for i in faults.history()
-                          if i.fault in ("crash", "exit") and i.fired_at is not None)
+                          if i.actor == "cache_owner" and i.fault in ("crash", "exit")
+                          and i.fired_at is not None)
         restarts = rt.metrics.registry.get_sample_value(
             "device_api_server_actor_restarts_total", {"actor": "cache_owner"}) or 0.0
         ends: collections.Counter[str] = collections.Counter()
