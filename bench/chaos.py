@@ -73,10 +73,12 @@ WEIGHTS = {
     "owner_crash": 3, "owner_crash_after": 2, "owner_exit": 1, "owner_hang": 1,
     "watch_end": 3, "watch_stall": 2, "watch_disconnect": 1,
     "provider_disconnect": 3, "provider_restart": 2, "provider_pause": 1,
-    "monitor_crash": 1, "janitor_crash": 1,
+    "monitor_crash": 1, "janitor_crash": 1, "grpc_crash": 1,
 }
-#: Plain (non-actor) children of the core tree that the fault kit can crash by name.
-CHILD_TARGETS = {"monitor_crash": "heartbeat_monitor", "janitor_crash": "watch_janitor"}
+#: Plain (non-actor) children that the fault kit can crash by name. Crashing "grpc" closes the
+#: listeners and every connection; the root supervisor starts them again on the same socket.
+CHILD_TARGETS = {"monitor_crash": "heartbeat_monitor", "janitor_crash": "watch_janitor",
+                 "grpc_crash": "grpc"}
 KINDS = tuple(WEIGHTS)
 RESUMABLE = {"OK", Status.UNAVAILABLE.name, Status.RESOURCE_EXHAUSTED.name,
              Status.OUT_OF_RANGE.name, "StreamTerminatedError", "ConnectionResetError",
@@ -137,6 +139,7 @@ class ChaosReport:
     owner_restarts: float
     owner_faults_fired: int
     root_restarts: int
+    grpc_faults_fired: int
     serving: bool
     lost_writes: list[str]
     unconverged: list[str]
@@ -155,8 +158,9 @@ class ChaosReport:
             found.append(f"watch streams ended with a non-resumable status: {bad_ends}")
         if not self.serving:
             found.append("server is not READY/SERVING after the run")
-        if self.root_restarts:
-            found.append(f"root supervisor restarted {self.root_restarts} children (escalation)")
+        if self.root_restarts != self.grpc_faults_fired:
+            found.append(f"root supervisor restarted {self.root_restarts} children for "
+                         f"{self.grpc_faults_fired} injected gRPC crashes")
         if self.owner_restarts != self.owner_faults_fired:
             found.append(f"CacheOwner restarts {self.owner_restarts:g} != crash/exit faults "
                          f"fired {self.owner_faults_fired}")
@@ -728,6 +732,8 @@ async def run_chaos(options: ChaosOptions, socket_dir: str | Path,
             relists=sum(i.relists - 1 for i in chaos.informers),  # not the first list
             owner_restarts=restarts, owner_faults_fired=owner_fired,
             root_restarts=rt.root.statistics().total_restarts,
+            grpc_faults_fired=sum(1 for i in faults.history()
+                                  if i.actor == "grpc" and i.fired_at is not None),
             serving=serving, lost_writes=lost, unconverged=unconverged,
             leaked_watchers=hub.active, leaked_calls=rt.grpc.in_flight,
             seconds=trio.current_time() - started, errors=chaos.errors)
