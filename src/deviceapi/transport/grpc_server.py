@@ -159,20 +159,16 @@ class GrpcServer:
         self._servers: list[LimitedServer] = []
         self._socket_path: str | None = None
         self.listeners = Listeners(None, None)
+        # gRPC health of GpuService follows readiness; one status for every incarnation.
+        self._serving = ServiceStatus()
+        core.gate.add_listener(lambda state: self._serving.set(state is Readiness.READY))
 
     def _servables(self) -> list[Any]:
         gpu = GpuService(self.core)
         provider = ProviderService(self.core)
-        serving = ServiceStatus()
-        serving.set(self.core.gate.serving)
-
-        def follow(state: Readiness) -> None:
-            serving.set(state is Readiness.READY)
-
-        self.core.gate.add_listener(follow)
         # Consumers wait for GpuService (readiness); providers for ProviderService, which
         # serves from the start (provider writes always pass, and they are what opens the gate).
-        health = Health({gpu: [serving], provider: []})
+        health = Health({gpu: [self._serving], provider: []})
         mapped = []
         for service in (gpu, provider):
             mapping = service.__mapping__()
