@@ -6,7 +6,6 @@ deviceapi.cli`` when it is not installed) while the server runs in this test's t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -17,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from _sockets import open_sockets, wait_sockets_closed
 
 from deviceapi._app import Runtime
 from deviceapi.actors import _store as store_ops
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
-from deviceapi.testing.runtime import make_test_config, open_test_runtime, wait_until
+from deviceapi.testing.runtime import make_test_config, open_test_runtime
 
 GPU_A = "GPU-0a000000-0000-4000-8000-000000000001"
 GPU_B = "GPU-0b000000-0000-4000-8000-000000000002"
@@ -36,32 +36,20 @@ def cli_command() -> list[str]:
     return [sys.executable, "-m", "deviceapi.cli"]
 
 
-def _sockets() -> set[tuple[int, str]]:
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/self/fd/{fd}")
-            if target.startswith("socket:"):
-                found.add((int(fd), target))
-    return found
-
-
 @asynccontextmanager
 async def server(tmp_path: Path, *gpus: tuple[str, str], **overrides: Any
                  ) -> AsyncIterator[Runtime]:
     """A server holding ``gpus`` (name, Ready status). On the way out, wait (bounded) until
-    the server has closed its end of the CLI's connections: it would not at teardown (see
-    test_grpcio_client.py::test_shutdown_closes_client_connections)."""
+    both ends of the CLI's connections are closed."""
     overrides.setdefault("min_gpus", 0)
     async with open_test_runtime(make_test_config(tmp_path, **overrides)) as rt:
         for name, ready in gpus:
             await rt.core.store.write(store_ops.CreateGpu(pb.Gpu(
                 metadata=pb.ObjectMeta(name=name),
                 status=pb.GpuStatus(conditions=[pb.Condition(type="Ready", status=ready)]))))
-        before = _sockets()
+        before = open_sockets()
         yield rt
-        with trio.move_on_after(5):
-            await wait_until(lambda: not _sockets() - before)
+        await wait_sockets_closed(before)
 
 
 class Cli:

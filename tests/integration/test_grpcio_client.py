@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import importlib
 import importlib.resources
-import os
 import socket as stdlib_socket
 import sys
 import types
-import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,6 +32,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 import trio
+from _sockets import open_sockets, wait_sockets_closed
 from grpc_tools import protoc
 from grpclib.health.v1 import health_pb2
 
@@ -168,42 +166,25 @@ class Grpcio:
             yield Grpcio(self.stubs, channel, self.runtime)
 
 
-def _sockets() -> set[tuple[int, str]]:
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/self/fd/{fd}")
-            if target.startswith("socket:"):
-                found.add((int(fd), target))
-    return found
-
-
-async def _wait_sockets_closed(before: set[tuple[int, str]]) -> None:
-    """Poll (bounded) until every socket opened since ``before`` is closed again."""
-    with trio.move_on_after(5):
-        await wait_until(lambda: not _sockets() - before)
-
-
 @asynccontextmanager
 async def grpcio_channel(runtime: Runtime, options: Sequence[tuple[str, Any]] = (), *,
                          wait_closed: bool = True) -> AsyncIterator[grpc.Channel]:
     """A grpcio channel to ``runtime``'s Unix socket, closed on exit.
 
     grpcio closes its connection from its own threads; on the way out this waits (bounded)
-    until both ends of every connection opened since it was created are closed, the server's
-    end included, so that the server is not torn down with a client connection still open (see
-    ``test_shutdown_closes_client_connections``: it would never close that end itself).
+    until both ends of every connection opened since it was created are closed, so that the
+    test ends with no socket of its own left open.
     """
     socket = runtime.listeners.unix_socket
     assert socket is not None
-    before = _sockets()
+    before = open_sockets()
     channel = grpc.insecure_channel("unix://" + socket, options=list(options))
     try:
         yield channel
     finally:
         channel.close()
         if wait_closed:
-            await _wait_sockets_closed(before)
+            await wait_sockets_closed(before)
 
 
 @asynccontextmanager
@@ -850,21 +831,13 @@ async def test_watch_limits_and_cancel_frees_the_slot(stubs: types.SimpleNamespa
 # ---- shutdown ------------------------------------------------------------------------------------
 
 
-def _collect_leaked_server_sockets() -> None:
-    """Close (through garbage collection) the server's end of connections a shut-down runtime
-    left open: see test_shutdown_closes_client_connections."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
-
-
 async def test_shutdown_ends_watch_streams_with_ok(stubs: types.SimpleNamespace,
                                                    tmp_path: Path) -> None:
     """SIGTERM's sequence as a client sees it: health NOT_SERVING first (while calls are still
     served during the shutdown delay), then open watch streams end with status OK."""
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    before = _sockets()
+    before = open_sockets()
     channel: grpc.Channel | None = None
     try:
         with trio.fail_after(20):
@@ -890,8 +863,7 @@ async def test_shutdown_ends_watch_streams_with_ok(stubs: types.SimpleNamespace,
     finally:
         if channel is not None:
             channel.close()
-        _collect_leaked_server_sockets()
-        await _wait_sockets_closed(before)
+        await wait_sockets_closed(before)
 
 
 async def test_shutdown_closes_client_connections(tmp_path: Path) -> None:
@@ -922,4 +894,3 @@ async def test_shutdown_closes_client_connections(tmp_path: Path) -> None:
         assert closed, f"connection still open after shutdown; received {received!r}"
     finally:
         client.close()
-        _collect_leaked_server_sockets()

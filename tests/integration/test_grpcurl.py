@@ -8,7 +8,6 @@ PATH, and skip when it is missing (fail under ``CI=true``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -20,9 +19,10 @@ from typing import Any
 
 import pytest
 import trio
+from _sockets import open_sockets, wait_sockets_closed
 
 from deviceapi._app import Runtime
-from deviceapi.testing.runtime import make_test_config, open_test_runtime, wait_until
+from deviceapi.testing.runtime import make_test_config, open_test_runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_A = "GPU-0a000000-0000-4000-8000-000000000001"
@@ -52,27 +52,15 @@ def grpcurl() -> str:
     return path
 
 
-def _sockets() -> set[tuple[int, str]]:
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/self/fd/{fd}")
-            if target.startswith("socket:"):
-                found.add((int(fd), target))
-    return found
-
-
 @asynccontextmanager
 async def server(tmp_path: Path, **overrides: Any) -> AsyncIterator[Runtime]:
-    """A server in this trio run. On the way out, wait (bounded) until the server has closed
-    its end of every connection grpcurl made: it does not close them itself at teardown
-    (see test_grpcio_client.py::test_shutdown_closes_client_connections)."""
+    """A server in this trio run. On the way out, wait (bounded) until both ends of every
+    connection grpcurl made are closed."""
     overrides.setdefault("min_gpus", 0)
     async with open_test_runtime(make_test_config(tmp_path, **overrides)) as rt:
-        before = _sockets()
+        before = open_sockets()
         yield rt
-        with trio.move_on_after(5):
-            await wait_until(lambda: not _sockets() - before)
+        await wait_sockets_closed(before)
 
 
 class Grpcurl:
