@@ -24,7 +24,7 @@ import collections
 import dataclasses
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import trio
@@ -84,12 +84,15 @@ class Subscription:
     send, so it can abandon the send and end the stream.
     """
 
-    def __init__(self, sub_id: int, capacity: int, backlog: list[Delivery], resume_rv: int,
-                 now: float) -> None:
+    def __init__(self, sub_id: int, capacity: int, backlog: Iterator[Delivery],
+                 backlog_size: int, resume_rv: int, now: float) -> None:
         self.id = sub_id
         self._capacity = capacity
-        # Initial snapshot or replay: bounded by max GPUs / history size, not by the queue.
-        self._backlog = collections.deque(backlog)
+        # Initial snapshot or replay: bounded by max GPUs / history size, not by the queue, and
+        # produced lazily from the immutable state it was taken from (every watcher subscribing
+        # at once after a restart must not hold a thousand events each).
+        self._backlog = backlog
+        self._backlog_left = backlog_size
         self._live: collections.deque[Delivery] = collections.deque()
         self.resume_rv = resume_rv
         self.end: StreamEnd | None = None
@@ -101,16 +104,18 @@ class Subscription:
     @property
     def pending(self) -> int:
         """Events queued or being sent."""
-        return len(self._backlog) + len(self._live) + self._in_flight
+        return self._backlog_left + len(self._live) + self._in_flight
 
     def take(self, limit: int) -> list[Delivery]:
         """Up to ``limit`` events to send next (backlog first). Empty once ended."""
         if self.end is not None:
             return []
         batch: list[Delivery] = []
-        for queue in (self._backlog, self._live):
-            while queue and len(batch) < limit:
-                batch.append(queue.popleft())
+        while self._backlog_left and len(batch) < limit:
+            batch.append(next(self._backlog))
+            self._backlog_left -= 1
+        while self._live and len(batch) < limit:
+            batch.append(self._live.popleft())
         self._in_flight += len(batch)
         return batch
 
@@ -136,7 +141,8 @@ class Subscription:
     def _finish(self, end: StreamEnd) -> None:
         if self.end is None:
             self.end = end
-            self._backlog.clear()
+            self._backlog = iter(())
+            self._backlog_left = 0
             self._live.clear()
             self._notify()
 
@@ -210,11 +216,10 @@ class WatchHub:
             )
         state = self._read_state()
         if from_rv == 0:
-            backlog = [self._added(state.gpus[name]) for name in sorted(state.gpus)]
-            if backlog:
-                last = backlog[-1]
-                backlog[-1] = Delivery(last.event, state.rv, last.data)
-            resume_rv = 0 if backlog else state.rv
+            names = sorted(state.gpus)
+            backlog: Iterator[Delivery] = self._snapshot(state, names)
+            size = len(names)
+            resume_rv = 0 if names else state.rv
         else:
             if from_rv > state.rv:
                 raise OutOfRange(
@@ -224,13 +229,22 @@ class WatchHub:
             replay = self._events_after(from_rv)
             if replay is None:
                 raise OutOfRange(f"resource version {from_rv} is too old; relist")
-            backlog = [Delivery(e, e.rv, encode_event(e)) for e in replay]
+            backlog = (Delivery(e, e.rv, encode_event(e)) for e in replay)
+            size = len(replay)
             resume_rv = from_rv
-        sub = Subscription(next(self._ids), self.queue_size, backlog, resume_rv, now)
+        sub = Subscription(next(self._ids), self.queue_size, backlog, size, resume_rv, now)
         self._subs[sub.id] = sub
         self._subscribed_total += 1
         log.debug("watch subscribed", extra={"watcher": sub.id, "resource_version": from_rv})
         return sub
+
+    def _snapshot(self, state: State, names: list[str]) -> Iterator[Delivery]:
+        """ADDED for every GPU of ``state`` in name order; the last one carries the snapshot's
+        version, the one to resume from once all of them are delivered."""
+        last = len(names) - 1
+        for index, name in enumerate(names):
+            added = self._added(state.gpus[name])
+            yield added if index < last else Delivery(added.event, state.rv, added.data)
 
     def _added(self, gpu: Gpu) -> Delivery:
         """The snapshot's ADDED event for ``gpu``, encoded once per GPU version (many watchers
