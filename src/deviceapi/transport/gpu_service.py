@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any, cast
 
+import trio
 from google.protobuf.empty_pb2 import Empty
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -184,7 +185,7 @@ async def _pump(
             sent = 0
             while sent < len(batch) and subscription.end is None:
                 count = await writer.write_some([d.data for d in batch[sent:]])
-                now = loop.time()
+                now = trio.current_time()  # the janitor's stall clock
                 for delivery in batch[sent:sent + count]:
                     subscription.delivered(delivery, now)
                 sent += count

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
+import trio
 from grpclib.server import Stream
 
 from .._errors import InvalidArgument
@@ -87,9 +87,8 @@ class ProviderService(provider_grpc.ProviderServiceBase):
                 store_ops.validate_name(name, "gpu_names")
             if names:
                 await write(self.core, store_ops.ClaimGpus(provider, names))
-            # Under trio-asyncio the loop's clock is trio's clock.
-            now = asyncio.get_running_loop().time()
-            unmask = self.core.sessions.heartbeat(provider, now)
+            # The sessions' deadlines are on trio's clock (the monitor is a trio task).
+            unmask = self.core.sessions.heartbeat(provider, trio.current_time())
             if unmask is not None:
                 await write(self.core, unmask)
             # acknowledged=False tells a provider that this server lacks GPUs it named (it
