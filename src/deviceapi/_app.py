@@ -30,7 +30,8 @@ from .actors.provider_session import run_heartbeat_monitor
 from .actors.readiness import run_readiness_timer
 from .actors.watcher import run_watch_janitor
 from .client.trio_client import TrioProviderClient
-from .nvml_actor import NvmlPoller, PollerOptions, ProviderApi, PynvmlBackend
+from .nvml_actor import NvmlBackend, NvmlPoller, PollerOptions, ProviderApi, PynvmlBackend
+from .nvml_actor.poller import HealthLedger
 from .nvml_actor.service import run_nvml_provider
 from .sim import SimulatedProvider
 from .supervisors import ChildSpec, StartFn, Supervisor
@@ -55,6 +56,8 @@ class Runtime:
     metrics: ServerMetrics
     root: Supervisor
     cancel_scope: trio.CancelScope
+    #: Every NVML poller incarnation so far (the last one is current); empty without NVML.
+    nvml_pollers: list[NvmlPoller] = dataclasses.field(default_factory=list)
 
     async def shutdown(self) -> None:
         """SPEC §6: not ready → shutdown-delay → stop accepting → end watches with OK → let
@@ -120,8 +123,12 @@ async def open_runtime(
     faults: FaultHook | None = None,
     observer: Observer | None = None,
     grpc_wrappers: list[MappingWrapper] | None = None,
+    nvml_backend: Callable[[], NvmlBackend] | None = None,
 ) -> AsyncIterator[Runtime]:
-    """Start a whole server inside the current trio run; yields once it is serving."""
+    """Start a whole server inside the current trio run; yields once it is serving.
+
+    ``nvml_backend`` replaces the real NVML library for ``--enable-nvml-provider`` (tests and
+    the chaos kit hand in a ``FakeNvml`` factory)."""
     async with _bridge.open_loop():
         core = Core.build(config, observer)
         metrics = ServerMetrics(CollectorRegistry(), version=__version__, node=config.node_name)
@@ -179,8 +186,10 @@ async def open_runtime(
             ChildSpec("core", core_tree.run, type="supervisor", shutdown=float("inf")),
             ChildSpec("grpc", injectable("grpc", run_grpc), shutdown=config.shutdown_timeout + 5),
         ]
+        pollers: list[NvmlPoller] = []
+        make_backend = nvml_backend or (lambda: PynvmlBackend(config.nvml_driver_root))
         provider_specs = _provider_children(config, lambda: listeners_box[-1], metrics,
-                                            injectable)
+                                            injectable, make_backend, pollers)
         if provider_specs:
             children.append(ChildSpec(
                 "providers",
@@ -192,7 +201,7 @@ async def open_runtime(
         async with trio.open_nursery() as nursery:
             await nursery.start(root.run)
             runtime = Runtime(config, core, grpc, listeners_box[-1], http_ports, metrics, root,
-                              nursery.cancel_scope)
+                              nursery.cancel_scope, pollers)
             try:
                 yield runtime
             finally:
@@ -217,11 +226,13 @@ async def connect_loopback(listeners: Listeners) -> TrioProviderClient:
 
 def _provider_children(config: Config, listeners: Callable[[], Listeners],
                        metrics: ServerMetrics,
-                       injectable: Callable[[str, StartFn], StartFn]) -> list[ChildSpec]:
-    """Built-in providers (each a transient child that reaches the server over loopback)."""
+                       injectable: Callable[[str, StartFn], StartFn],
+                       make_backend: Callable[[], NvmlBackend],
+                       pollers: list[NvmlPoller]) -> list[ChildSpec]:
+    """Built-in providers (each a child that reaches the server over loopback)."""
     specs: list[ChildSpec] = []
     if config.enable_nvml_provider:
-        pollers: list[NvmlPoller] = []
+        ledger = HealthLedger()  # outlives restarts of the nvml child
 
         def refresh_nvml() -> None:
             if pollers:
@@ -240,8 +251,8 @@ def _provider_children(config: Config, listeners: Callable[[], Listeners],
 
         async def nvml(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                        ) -> None:
-            await run_nvml_provider(lambda: PynvmlBackend(config.nvml_driver_root), connect,
-                                    options, on_poller=pollers.append, task_status=task_status)
+            await run_nvml_provider(make_backend, connect, options, on_poller=pollers.append,
+                                    ledger=ledger, task_status=task_status)
 
         specs.append(ChildSpec("nvml", injectable("nvml", nvml)))
     if config.simulate:

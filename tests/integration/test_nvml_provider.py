@@ -55,6 +55,7 @@ from deviceapi.client.trio_client import TrioProviderClient
 from deviceapi.nvml_actor import CONDITION_TYPE, FakeNvml, NvmlPoller, PollerOptions, ProviderApi
 from deviceapi.nvml_actor.service import run_nvml_provider
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
+from deviceapi.testing import FaultInjector
 from deviceapi.testing.runtime import make_test_config, open_client, open_test_runtime, run_aio
 from deviceapi.transport import _bridge
 
@@ -550,3 +551,56 @@ async def test_sidecar_process_without_a_driver_logs_and_stops_on_sigterm(
         assert "NVML provider stopped" in text
         assert "Traceback" not in text
         assert rt.core.store.state.gpus == {}  # it never registered anything
+
+
+# ---- 11. restarts never clear a fatal verdict ----------------------------------------------
+
+
+async def test_embedded_provider_crash_keeps_an_unhealthy_gpu_unhealthy(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """The supervisor restarts a crashed embedded NVML provider; the GPU that threw XID 79
+    stays NVMLReady=False through the restart (its ledger outlives the child)."""
+    clock(mock_clock)
+    fake = FakeNvml(fake_gpus())
+    faults = FaultInjector()
+    config = make_test_config(tmp_path, enable_nvml_provider=True, min_gpus=3)
+    with trio.fail_after(120):
+        async with open_test_runtime(config, faults=faults, nvml_backend=lambda: fake) as rt:
+            await rt.core.gate.wait_ready()
+            fake.inject_xid(79, 0)
+            await wait_until(lambda: visible(rt, G0) == ("False", "XidCritical"))
+            events_before = rv(rt)
+            faults.crash("nvml")
+            await wait_until(lambda: len(rt.nvml_pollers) == 2
+                             and rt.nvml_pollers[-1].statistics().monitor_running)
+            assert visible(rt, G0) == ("False", "XidCritical")
+            assert [visible(rt, g) for g in (G1, G2)] == [("True", "Initialized")] * 2
+            restarts = rt.metrics.registry.get_sample_value(
+                "device_api_server_actor_restarts_total", {"actor": "nvml"})
+            assert restarts == 1
+            # the restarted poller re-asserted its own verdicts (no status changed)
+            assert rv(rt) - events_before <= 3
+
+
+async def test_new_provider_process_adopts_the_unhealthy_verdict_it_finds(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """A sidecar process that restarts has no ledger: reading the server (GetGpu over the real
+    socket) it keeps the GPU its predecessor marked unhealthy unhealthy for a quiet period."""
+    clock(mock_clock)
+    fake = FakeNvml(fake_gpus())
+    options = dataclasses.replace(OPTIONS, recovery_quiet_period=5.0)
+    async with open_test_runtime(make_test_config(tmp_path)) as rt:
+        with trio.fail_after(60):
+            async with open_poller(rt, fake, options):
+                fake.inject_xid(79, 0)
+                await wait_until(lambda: visible(rt, G0) == ("False", "XidCritical"))
+        restarted_at = trio.current_time()
+        with trio.fail_after(options.recovery_quiet_period * 3):
+            async with open_poller(rt, fake, options) as poller:  # a fresh ledger
+                assert visible(rt, G0) == ("False", "XidCritical")
+                assert poller.statistics().unhealthy_gpus == 1
+                await wait_until(lambda: visible(rt, G0) == ("True", "Recovered"),
+                                 timeout=options.recovery_quiet_period * 2)
+                assert trio.current_time() - restarted_at >= options.recovery_quiet_period

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
 from ..proto.device.v1alpha1 import gpu_pb2 as pb
 from ..transport import _bridge
 from ._client import PROVIDER_SERVICE, DeviceApiClient
@@ -43,6 +46,15 @@ class TrioProviderClient:
         created, _ = await _bridge.aio_as_trio(self.client.register_gpu)(
             name=name, provider_id=provider_id, status=status)
         return bool(created)
+
+    async def get_condition(self, *, name: str, type_: str) -> pb.Condition | None:
+        try:
+            gpu = await _bridge.aio_as_trio(self.client.get)(name)
+        except GRPCError as exc:
+            if exc.status is Status.NOT_FOUND:
+                return None
+            raise
+        return next((c for c in gpu.status.conditions if c.type == type_), None)
 
     async def update_condition(self, *, name: str, provider_id: str,
                                condition: pb.Condition) -> int:

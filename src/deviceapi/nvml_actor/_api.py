@@ -18,7 +18,7 @@ from deviceapi.proto.device.v1alpha1 import gpu_pb2
 
 
 class ProviderApi(Protocol):
-    """The four provider calls the poller makes."""
+    """The provider calls the poller makes."""
 
     async def wait_serving(self) -> None:
         """Return once the server accepts provider writes (gRPC health SERVING).
@@ -32,6 +32,10 @@ class ProviderApi(Protocol):
     ) -> bool:
         """ProviderService.RegisterGpu with ``spec.uuid = name`` and ``condition`` as the
         initial status; True if created, False if it already existed (idempotent)."""
+
+    async def get_condition(self, *, name: str, type_: str) -> gpu_pb2.Condition | None:
+        """GpuService.GetGpu: GPU ``name``'s condition of type ``type_`` (None when the GPU or
+        the condition is absent). A fresh poller reads what an earlier one left behind."""
 
     async def update_condition(
         self, *, name: str, provider_id: str, condition: gpu_pb2.Condition

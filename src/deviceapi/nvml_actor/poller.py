@@ -564,16 +564,27 @@ class NvmlPoller:
         return event_set
 
     async def _register_all(self) -> None:
-        """Register every device; where it already existed, re-assert the ledger's condition."""
+        """Register every device; where it already existed, re-assert the ledger's condition.
+
+        A GPU the ledger does not know but the server already holds was registered by an
+        earlier poller whose ledger is gone (a sidecar process restart): when that one left it
+        unhealthy, this one adopts the verdict, with a fresh quiet period, instead of declaring
+        the GPU healthy — a GPU that just threw a fatal XID must not become schedulable because
+        its monitor restarted.
+        """
         for uuid, device in self._devices.items():
             health = self._ledger.get(uuid)
+            known = health is not None
             if health is None:
                 health = GpuHealth("True", REASON_INITIALIZED, _clip(device.summary()))
-                self._ledger.set(uuid, health)
             condition = health.condition()
             created = await self._api.register_gpu(
                 name=uuid, provider_id=self._options.provider_id, condition=condition
             )
+            if not created and not known:
+                health = await self._adopt(uuid) or health
+                condition = health.condition()
+            self._ledger.set(uuid, health)
             if not created:
                 await self._api.update_condition(
                     name=uuid, provider_id=self._options.provider_id, condition=condition
@@ -587,6 +598,27 @@ class NvmlPoller:
                 health.status,
                 "" if created else " (already present)",
             )
+
+    async def _adopt(self, uuid: str) -> GpuHealth | None:
+        """The unhealthy verdict an earlier poller left on ``uuid`` in the server, if any."""
+        existing = await self._api.get_condition(name=uuid, type_=CONDITION_TYPE)
+        if existing is None or existing.status == "True":
+            return None
+        now = trio.current_time()
+        log.warning(
+            "GPU %s is already NVMLReady=%s (%s) in the server: keeping it until a quiet "
+            "period passes",
+            uuid,
+            existing.status,
+            existing.reason,
+        )
+        return GpuHealth(
+            "False",
+            existing.reason,
+            existing.message,
+            last_fault=now,
+            not_before=now + self._options.recovery_quiet_period,
+        )
 
     async def _close(self, event_set: EventSetHandle | None) -> None:
         """Free the event set and shut NVML down, once no call is inside NVML any more."""

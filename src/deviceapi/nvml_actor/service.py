@@ -32,11 +32,13 @@ async def run_nvml_provider(
     options: PollerOptions,
     *,
     on_poller: Callable[[NvmlPoller], None] | None = None,
+    ledger: HealthLedger | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Keep an NVML poller running until cancelled (reports started at once: the server must
-    not wait for a GPU driver to come up)."""
-    ledger = HealthLedger()
+    not wait for a GPU driver to come up). ``ledger``: pass one that outlives this call when
+    a supervisor may restart it, so the restarted poller keeps its verdicts and quiet periods."""
+    ledger = ledger if ledger is not None else HealthLedger()
     backoff = MIN_BACKOFF
     task_status.started()
     while True:

@@ -30,7 +30,8 @@ async def open_running(poller: NvmlPoller) -> AsyncIterator[trio.Nursery]:
         nursery.cancel_scope.cancel()
 
 
-CallKind = Literal["wait_serving", "register_gpu", "update_condition", "heartbeat"]
+CallKind = Literal["wait_serving", "register_gpu", "get_condition", "update_condition",
+                   "heartbeat"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -129,6 +130,11 @@ class RecordingProviderApi:
             return False
         self._upsert(name, condition)
         return True
+
+    async def get_condition(self, *, name: str, type_: str) -> gpu_pb2.Condition | None:
+        await trio.lowlevel.checkpoint()
+        self._record(RecordedCall("get_condition", name, time=trio.current_time()))
+        return self.condition(name, type_)
 
     async def update_condition(
         self, *, name: str, provider_id: str, condition: gpu_pb2.Condition

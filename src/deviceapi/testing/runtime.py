@@ -21,6 +21,7 @@ from .._config import Config
 from ..actors import FaultHook
 from ..actors.core import Observer
 from ..client import DeviceApiClient
+from ..nvml_actor import NvmlBackend
 from ..transport import _bridge
 
 T = TypeVar("T")
@@ -46,9 +47,14 @@ async def open_test_runtime(
     *,
     faults: FaultHook | None = None,
     observer: Observer | None = None,
+    nvml_backend: Callable[[], NvmlBackend] | None = None,
 ) -> AsyncIterator[Runtime]:
-    """Start a server for a test; it is torn down (forcibly) when the block ends."""
-    async with open_runtime(config or make_test_config(), faults=faults, observer=observer) as rt:
+    """Start a server for a test; it is torn down (forcibly) when the block ends.
+
+    ``nvml_backend``: with ``enable_nvml_provider=True``, the NVML the embedded provider uses
+    (e.g. ``lambda: fake`` for a :class:`deviceapi.nvml_actor.FakeNvml`)."""
+    async with open_runtime(config or make_test_config(), faults=faults, observer=observer,
+                            nvml_backend=nvml_backend) as rt:
         yield rt
 
 

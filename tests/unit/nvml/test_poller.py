@@ -499,3 +499,26 @@ async def test_poller_cannot_run_twice_at_once(
         async with running(poller):
             with pytest.raises(RuntimeError, match="already running"):
                 await poller.run()
+
+
+async def test_fresh_poller_adopts_an_unhealthy_verdict_left_in_the_server(
+    autojump_clock: trio.testing.MockClock, api: RecordingProviderApi, make_poller: MakePoller
+) -> None:
+    """A sidecar process restart loses the ledger; the GPU its predecessor marked unhealthy
+    stays unhealthy (not re-declared Initialized) until a quiet period after the restart."""
+    fake = FakeNvml(2)
+    with trio.fail_after(1000):
+        async with running(make_poller(fake)):  # the first process
+            fake.inject_xid(79, 0)
+            await api.wait_until(is_status(api, G0, "False"))
+        await trio.sleep(QUIET * 2)  # down for longer than a quiet period
+        restarted_at = trio.current_time()
+        async with running(make_poller(fake)):  # a new process: a fresh ledger
+            assert ready(api, G0).status == "False"
+            assert ready(api, G0).reason == "XidCritical"
+            assert ready(api, G1).status == "True"
+            assert not any(c.condition is not None and c.condition.status == "True"
+                           for c in api.updates(G0))
+            await api.wait_until(is_status(api, G0, "True"))
+            assert api.updates(G0)[-1].time == pytest.approx(restarted_at + QUIET)
+            assert ready(api, G0).reason == "Recovered"
