@@ -15,18 +15,26 @@ is acknowledged) and heartbeat, and informers list-then-watch, the schedule inje
 - ``provider_restart``: one provider "process" is killed (its task cancelled mid-write) and a
   new incarnation re-registers its GPUs and carries on;
 - ``provider_pause``: one provider goes silent past the heartbeat timeout (its GPUs turn
-  Ready=Unknown), then comes back (restored).
+  Ready=Unknown), then comes back (restored);
+- ``provider_kill``: a provider running in its own process (``bench/chaos_provider.py``) is
+  killed with SIGKILL and started again; the new process re-registers and re-sends the write
+  the dead one had in flight;
+- ``nvml_crash``: the embedded NVML provider (over a fake NVML backend) is crashed; its
+  supervisor restarts it;
+- ``nvml_xid``: the fake NVML reports a critical XID (79) on one of its GPUs.
 
-Not injectable without changing ``deviceapi._app`` (only the CacheOwner takes the fault hook):
-the heartbeat monitor, the watch janitor and the gRPC server task. The first two are restarted
-by every CacheOwner fault anyway (``core`` is rest_for_one and they start after it).
+The heartbeat monitor, the watch janitor, the gRPC server task and the NVML provider are plain
+children that the FaultInjector wraps by name (``monitor_crash``, ``janitor_crash``,
+``grpc_crash``, ``nvml_crash``).
 
 Checked after every run (:meth:`ChaosReport.problems`): no acknowledged write lost (the final
 state equals the model built from acknowledged writes), every watch stream delivered versions
 strictly one apart (no gap, no duplicate) and ended only with a resumable status, every
-informer's cache converged to the server's state, the server is READY and SERVING, every
-CacheOwner fault restarted it (and nothing escalated to the root supervisor), every fault
-recovered, and no watcher slot or in-flight call is left once the clients are gone.
+informer's cache converged to the server's state, every NVML GPU carries the verdict the NVML
+provider last asserted (a GPU that threw a critical XID is still NVMLReady=False, through every
+NVML crash), the server is READY and SERVING, every CacheOwner and NVML fault restarted exactly
+that child (and nothing escalated to the root supervisor), every fault recovered, and no watcher
+slot or in-flight call is left once the clients are gone.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import logging
 import math
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +69,8 @@ from deviceapi._app import Runtime
 from deviceapi.actors import _store as ops
 from deviceapi.client import DeviceApiClient, is_retryable
 from deviceapi.client.informer import Informer
+from deviceapi.nvml_actor import CONDITION_TYPE as NVML_CONDITION
+from deviceapi.nvml_actor import FakeGpu, FakeNvml
 from deviceapi.proto.device.v1alpha1 import gpu_grpc, provider_grpc
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
 from deviceapi.testing import FaultInjector
@@ -74,11 +85,18 @@ WEIGHTS = {
     "watch_end": 3, "watch_stall": 2, "watch_disconnect": 1,
     "provider_disconnect": 3, "provider_restart": 2, "provider_pause": 1,
     "monitor_crash": 1, "janitor_crash": 1, "grpc_crash": 1,
+    "provider_kill": 2, "nvml_crash": 1, "nvml_xid": 2,
 }
 #: Plain (non-actor) children that the fault kit can crash by name. Crashing "grpc" closes the
 #: listeners and every connection; the root supervisor starts them again on the same socket.
 CHILD_TARGETS = {"monitor_crash": "heartbeat_monitor", "janitor_crash": "watch_janitor",
-                 "grpc_crash": "grpc"}
+                 "grpc_crash": "grpc", "nvml_crash": "nvml"}
+#: Kinds that need a provider process / the NVML provider to be part of the run.
+PROCESS_KINDS = {"provider_kill"}
+NVML_KINDS = {"nvml_crash", "nvml_xid"}
+#: The XID the fake NVML reports (79: GPU fallen off the bus, critical by default).
+CHAOS_XID = 79
+ROOT = Path(__file__).resolve().parents[1]
 KINDS = tuple(WEIGHTS)
 RESUMABLE = {"OK", Status.UNAVAILABLE.name, Status.RESOURCE_EXHAUSTED.name,
              Status.OUT_OF_RANGE.name, "StreamTerminatedError", "ConnectionResetError",
@@ -94,6 +112,10 @@ class ChaosOptions:
     watchers: int = 16
     faults: int = 20
     providers: int = 4
+    #: Providers running in their own processes (killed with SIGKILL by ``provider_kill``).
+    process_providers: int = 1
+    #: GPUs of the embedded NVML provider over a fake NVML (0: no NVML provider).
+    nvml_gpus: int = 4
     seed: int = 0
     kinds: tuple[str, ...] = KINDS
     #: Writes per second per provider (each waits for its acknowledgement).
@@ -102,6 +124,8 @@ class ChaosOptions:
     #: that they stay inside core's intensity (10 restarts in 5 s).
     gap: tuple[float, float] = (0.15, 0.5)
     owner_gap: float = 0.75
+    #: At least this long between NVML crashes: the providers supervisor allows 5 in 30 s.
+    nvml_gap: float = 8.0
     stall_s: float = 3.0
     hang_s: float = 0.3
     #: Events a watcher may have queued before it is evicted (the server's --watch-queue).
@@ -146,6 +170,15 @@ class ChaosReport:
     leaked_watchers: int
     leaked_calls: int
     seconds: float
+    #: NVML: restarts of the ``nvml`` child, crash faults that fired, GPUs whose NVMLReady in
+    #: the server differs from the provider's last verdict, XIDs reported / delivered.
+    nvml_restarts: float = 0.0
+    nvml_faults_fired: int = 0
+    nvml_mismatches: list[str] = dataclasses.field(default_factory=list)
+    xids: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Provider processes killed with SIGKILL, and processes started in all.
+    process_kills: int = 0
+    process_starts: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
 
     def problems(self) -> list[str]:
@@ -161,6 +194,10 @@ class ChaosReport:
         if self.root_restarts != self.grpc_faults_fired:
             found.append(f"root supervisor restarted {self.root_restarts} children for "
                          f"{self.grpc_faults_fired} injected gRPC crashes")
+        found += [f"NVML verdict not in the server: {m}" for m in self.nvml_mismatches[:10]]
+        if self.nvml_restarts != self.nvml_faults_fired:
+            found.append(f"NVML provider restarts {self.nvml_restarts:g} != NVML crashes fired "
+                         f"{self.nvml_faults_fired}")
         if self.owner_restarts != self.owner_faults_fired:
             found.append(f"CacheOwner restarts {self.owner_restarts:g} != crash/exit faults "
                          f"fired {self.owner_faults_fired}")
@@ -188,6 +225,8 @@ class ChaosReport:
             "stream_ends": self.stream_ends, "evictions": self.evictions,
             "resumes": self.resumes, "relists": self.relists,
             "owner_restarts": self.owner_restarts, "root_restarts": self.root_restarts,
+            "nvml_restarts": self.nvml_restarts, "xids": self.xids,
+            "process_kills": self.process_kills, "process_starts": self.process_starts,
             "seconds": self.seconds, "problems": self.problems(),
         }
 
@@ -291,6 +330,11 @@ class ChaosProvider:
         self.incarnations = 0
         self._counter = 0
 
+    def set_counter(self, counter: int) -> None:
+        """Continue numbering writes where an earlier incarnation stopped (messages stay
+        unique, so a lost write cannot hide behind a later identical one)."""
+        self._counter = counter
+
     def _new_client(self) -> DeviceApiClient:
         if self.client is not None:
             self.client.close()
@@ -368,22 +412,141 @@ class ChaosProvider:
             self.client.close()
 
 
+class ProcessProvider:
+    """A :class:`ChaosProvider` in its own process (``bench/chaos_provider.py``), killed with
+    SIGKILL and started again by the run. Its model is built from the acknowledgements the
+    process reports; what it had in flight when killed goes to the next incarnation."""
+
+    def __init__(self, provider_id: str, names: list[str], socket: str,
+                 options: ChaosOptions, seed: int, log_dir: Path) -> None:
+        self.id = provider_id
+        self.names = names
+        self.socket = socket
+        self.options = options
+        self.seed = seed
+        self.log_dir = log_dir
+        self.model: dict[str, str] = {}
+        self.pending: tuple[str, str] | None = None
+        self.acked = 0
+        self.retries = 0
+        self.counter = 0
+        self.incarnations = 0
+        self.kills = 0
+        self.stop_requested = False
+        self.stopped = False
+        self._killed = False
+        self._process: trio.Process | None = None
+
+    def command(self) -> list[str]:
+        o = self.options
+        command = [sys.executable, "-m", "bench.chaos_provider", "--socket", self.socket,
+                   "--id", self.id, "--names", ",".join(self.names),
+                   "--counter", str(self.counter), "--rate", str(o.write_rate),
+                   "--padding", str(o.padding), "--heartbeat-interval", str(o.heartbeat_interval),
+                   "--recover-timeout", str(o.recover_timeout),
+                   "--seed", str(self.seed * 1000 + self.incarnations)]
+        if self.pending is not None:
+            command += ["--pending", *self.pending]
+        return command
+
+    async def run_once(self) -> bool:
+        """One process, from start to exit; True when it died because :meth:`kill` killed it."""
+        self.incarnations += 1
+        self._killed = False
+        self.stopped = False
+        log = self.log_dir / f"{self.id}.{self.incarnations}.log"
+        stderr = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            process = await trio.lowlevel.open_process(
+                self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        finally:
+            os.close(stderr)
+        self._process = process
+        try:
+            if self.stop_requested:
+                await self.request_stop()
+            assert process.stdout is not None
+            buffer = b""
+            async for chunk in process.stdout:
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    self._on_report(json.loads(line))
+            code = await process.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:
+                    process.kill()
+                await process.wait()
+                for stream in (process.stdin, process.stdout):
+                    if stream is not None:
+                        await stream.aclose()
+            self._process = None
+        if not self._killed:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"provider process {self.id} exited with {code}: {tail}")
+        return True
+
+    def _on_report(self, report: dict[str, Any]) -> None:
+        if "send" in report:
+            name, message = report["send"]
+            self.pending = (name, message)
+            self.counter = max(self.counter, int(message.split()[1]))
+        elif "ack" in report:
+            name, message = report["ack"]
+            self.model[name] = message
+            if self.pending == (name, message):
+                self.pending = None
+            self.acked += 1
+        elif "stopped" in report:
+            self.stopped = True
+
+    def kill(self) -> bool:
+        """SIGKILL the running process (False when none is running right now)."""
+        if self._process is None or self._process.returncode is not None:
+            return False
+        self._killed = True
+        self.kills += 1
+        self._process.kill()
+        return True
+
+    async def request_stop(self) -> None:
+        """Stop writing (heartbeats go on); the current and every later process obey."""
+        self.stop_requested = True
+        process = self._process
+        if process is not None and process.stdin is not None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await process.stdin.send_all(b"stop\n")
+
+
 # -- the run -------------------------------------------------------------------------------------
 
 
 class Chaos:
-    def __init__(self, runtime: Runtime, faults: FaultInjector, options: ChaosOptions) -> None:
+    def __init__(self, runtime: Runtime, faults: FaultInjector, options: ChaosOptions,
+                 fake_nvml: FakeNvml | None, log_dir: Path) -> None:
         self.rt = runtime
         self.faults = faults
         self.options = options
+        self.fake_nvml = fake_nvml
         self.rng = random.Random(options.seed)
         self.socket = runtime.listeners.unix_socket or ""
         names = [gpu_name(i) for i in range(options.gpus)]
-        share = math.ceil(len(names) / options.providers)
+        total = options.providers + options.process_providers
+        share = math.ceil(len(names) / total)
+        shares = [names[i * share:(i + 1) * share] for i in range(total)]
         self.providers = [
-            ChaosProvider(f"chaos-{i}", names[i * share:(i + 1) * share], self.socket, options,
+            ChaosProvider(f"chaos-{i}", shares[i], self.socket, options,
                           random.Random(options.seed * 1000 + i))
             for i in range(options.providers)]
+        self.processes = [
+            ProcessProvider(f"chaos-proc-{i}", shares[options.providers + i], self.socket,
+                            options, options.seed * 1000 + options.providers + i, log_dir)
+            for i in range(options.process_providers)]
+        self.xids = collections.Counter[str]()
+        #: Faults set up before the schedule starts (checked like the others, not counted).
+        self.baseline: list[FaultRecord] = []
         self.gaps: list[str] = []
         self.clients: list[ChaosClient] = []
         self.informers: list[CheckedInformer] = []
@@ -404,6 +567,14 @@ class Chaos:
             if not scope.cancelled_caught:
                 return
 
+    async def process_slot(self, provider: ProcessProvider) -> None:
+        """Keep one process of ``provider`` running; start another after each kill."""
+        try:
+            while await provider.run_once():  # noqa: ASYNC110 - a restart delay, not a poll
+                await trio.sleep(self.rng.uniform(0.0, 0.5))
+        except RuntimeError as exc:
+            self.errors.append(str(exc))
+
     async def informer_task(self, informer: CheckedInformer) -> None:
         try:
             await run_aio(informer.run)
@@ -414,7 +585,9 @@ class Chaos:
 
     def schedule(self) -> list[str]:
         """Every kind once (shuffled), then weighted random picks."""
-        chosen = list(self.options.kinds)
+        chosen = [k for k in self.options.kinds
+                  if not (k in PROCESS_KINDS and not self.processes)
+                  and not (k in NVML_KINDS and self.fake_nvml is None)]
         kinds = list(chosen)
         self.rng.shuffle(kinds)
         weights = [WEIGHTS[k] for k in chosen]
@@ -423,14 +596,16 @@ class Chaos:
         return kinds[: self.options.faults]
 
     async def inject_all(self, nursery: trio.Nursery) -> None:
-        last_owner = -math.inf
+        last = {"owner": -math.inf, "nvml_crash": -math.inf}
         for kind in self.schedule():
             await trio.sleep(self.rng.uniform(*self.options.gap))
-            if kind.startswith("owner_"):
-                wait = last_owner + self.options.owner_gap - trio.current_time()
+            spaced = "owner" if kind.startswith("owner_") else kind
+            if spaced in last:
+                gap = self.options.owner_gap if spaced == "owner" else self.options.nvml_gap
+                wait = last[spaced] + gap - trio.current_time()
                 if wait > 0:
                     await trio.sleep(wait)
-                last_owner = trio.current_time()
+                last[spaced] = trio.current_time()
             record = await self.inject(kind, nursery)
             self.records.append(record)
 
@@ -471,9 +646,15 @@ class Chaos:
             else:
                 await run_aio(_close_client, self.clients[index])
                 nursery.start_soon(self.recover_watchers, record, index)
+        elif kind == "provider_kill":
+            victim = self.rng.choice(self.processes)
+            record.target = victim.id
+            record.note = "killed" if victim.kill() else "between processes (not killed)"
+            nursery.start_soon(self.recover_process, record, victim, victim.acked)
+        elif kind == "nvml_xid":
+            self.inject_xid(record, nursery)
         else:
-            candidates = [p for p in self.providers if p.id not in self.paused]
-            provider = self.rng.choice(candidates)
+            provider = self.rng.choice([p for p in self.providers if p.id not in self.paused])
             record.target = provider.id
             acked = provider.acked
             if kind == "provider_disconnect":
@@ -485,6 +666,51 @@ class Chaos:
                 return record
             nursery.start_soon(self.recover_provider, record, provider, acked)
         return record
+
+    def inject_xid(self, record: FaultRecord, nursery: trio.Nursery) -> None:
+        """A critical XID on one NVML GPU (a healthy one, while there is one)."""
+        fake = self.fake_nvml
+        assert fake is not None
+        gpus = range(len(fake.gpus))
+        healthy = [i for i in gpus if _nvml_status(self.rt, fake.gpus[i].uuid) == "True"]
+        index = self.rng.choice(healthy or list(gpus))
+        name = fake.gpus[index].uuid
+        record.target = name
+        pollers = self.rt.nvml_pollers
+        incarnation = len(pollers)
+        dropped = fake.dropped_events
+        fake.inject_xid(CHAOS_XID, index)
+        self.xids["reported"] += 1
+        if fake.dropped_events > dropped:
+            # NVML only queues events on a live event set: one that fires while the provider
+            # restarts is gone, as with the real library.
+            record.note = "dropped: no event set (NVML provider restarting)"
+            record.recovered_after = 0.0
+            self.xids["dropped"] += 1
+            return
+        nursery.start_soon(self.recover_xid, record, name, incarnation)
+
+    async def recover_xid(self, record: FaultRecord, name: str, incarnation: int) -> None:
+        """Recovered when the server shows the GPU NVMLReady=False; an event still queued in
+        the event set of a poller that crashed meanwhile is lost with that set (noted)."""
+        pollers = self.rt.nvml_pollers
+        with trio.move_on_after(self.options.recover_timeout):
+            await wait_until(lambda: _nvml_status(self.rt, name) == "False"
+                             or len(pollers) > incarnation)
+            if _nvml_status(self.rt, name) == "False":
+                self.xids["delivered"] += 1
+                record.note = "marked unhealthy"
+            else:
+                self.xids["lost_with_event_set"] += 1
+                record.note = "lost: its event set was freed by an NVML crash"
+            record.recovered_after = trio.current_time() - record.at
+
+    async def recover_process(self, record: FaultRecord, provider: ProcessProvider,
+                              acked: int) -> None:
+        """Recovered when the next process has had a write acknowledged."""
+        with trio.move_on_after(self.options.recover_timeout):
+            await wait_until(lambda: provider.acked > acked)
+            record.recovered_after = trio.current_time() - record.at
 
     async def recover_owner(self, record: FaultRecord, injection: int) -> None:
         """Recovered when a write submitted after the fault fired is acknowledged (timed from
@@ -520,6 +746,9 @@ class Chaos:
         with trio.move_on_after(self.options.recover_timeout):
             await wait_until(lambda: self.faults.history()[injection].fired_at is not None)
             await wait_until(lambda: restarts() > before)
+            if name == "nvml":  # and the restarted poller watches for XIDs again
+                pollers = self.rt.nvml_pollers
+                await wait_until(lambda: pollers[-1].statistics().monitor_running)
             fired = self.faults.history()[injection].fired_at
             assert fired is not None
             record.recovered_after = trio.current_time() - fired
@@ -586,7 +815,8 @@ class Chaos:
     def lost_writes(self) -> list[str]:
         gpus = self.rt.core.store.state.gpus
         lost: list[str] = []
-        for provider in self.providers:
+        everyone: list[ChaosProvider | ProcessProvider] = [*self.providers, *self.processes]
+        for provider in everyone:
             for name in provider.names:
                 gpu = gpus.get(name)
                 if gpu is None:
@@ -600,6 +830,28 @@ class Chaos:
                 if INIT not in by_type or READY in by_type:
                     lost.append(f"{name}: conditions {sorted(by_type)}")
         return lost
+
+    def nvml_mismatches(self) -> list[str]:
+        """NVML GPUs whose NVMLReady in the server is not the provider's last verdict, or that
+        lost the verdict of an XID that was delivered."""
+        if self.fake_nvml is None:
+            return []
+        if not self.rt.nvml_pollers:
+            return ["the NVML provider never started"]
+        ledger = self.rt.nvml_pollers[-1].ledger
+        found: list[str] = []
+        for gpu in self.fake_nvml.gpus:
+            health = ledger.get(gpu.uuid)
+            condition = _nvml_condition(self.rt, gpu.uuid)
+            want = None if health is None else (health.status, health.reason)
+            got = None if condition is None else (condition.status, condition.reason)
+            if got != want:
+                found.append(f"{gpu.uuid}: server {got} != provider {want}")
+        for record in [*self.baseline, *self.records]:
+            if record.kind == "nvml_xid" and record.note == "marked unhealthy" \
+                    and _nvml_status(self.rt, record.target) != "False":
+                found.append(f"{record.target}: XID {CHAOS_XID} verdict lost")
+        return found
 
     def diagnose(self) -> str:
         """Where things stand (for a report that says something did not converge)."""
@@ -624,6 +876,18 @@ class Chaos:
 
 
 READY = "Ready"
+
+
+def _nvml_condition(rt: Runtime, name: str) -> pb.Condition | None:
+    gpu = rt.core.store.state.gpus.get(name)
+    if gpu is None:
+        return None
+    return next((c for c in gpu.status.conditions if c.type == NVML_CONDITION), None)
+
+
+def _nvml_status(rt: Runtime, name: str) -> str | None:
+    condition = _nvml_condition(rt, name)
+    return None if condition is None else condition.status
 
 
 def _has_ready(gpu: pb.Gpu) -> bool:
@@ -667,20 +931,46 @@ async def run_chaos(options: ChaosOptions, socket_dir: str | Path,
     say = on_progress or (lambda text: None)
     started = trio.current_time()
     faults = FaultInjector()
+    fake_nvml = None
+    if options.nvml_gpus:
+        fake_nvml = FakeNvml([FakeGpu(uuid=gpu_name(options.gpus + i),
+                                      pci_bus_id=f"00000000:{i + 1:02x}:00.0")
+                              for i in range(options.nvml_gpus)])
     config = make_test_config(
-        socket_dir, min_gpus=options.gpus, max_gpus=max(1024, options.gpus),
+        socket_dir, min_gpus=options.gpus, max_gpus=max(1024, options.gpus + options.nvml_gpus),
+        enable_nvml_provider=fake_nvml is not None,
+        nvml_recovery_quiet_period=3600.0,
         max_watchers=options.watchers + 8, subscribe_rate=1000.0,
         subscribe_burst=options.watchers + 8, heartbeat_timeout=options.heartbeat_timeout,
         slow_subscriber_timeout=options.slow_subscriber_timeout, watch_history=4096,
         watch_queue=options.watch_queue,
         provider_timeout=60.0)
-    async with open_test_runtime(config, faults=faults) as rt:
-        chaos = Chaos(rt, faults, options)
+    logs = Path(socket_dir) / "provider-logs"
+    logs.mkdir(exist_ok=True)
+
+    def nvml_backend() -> FakeNvml:
+        assert fake_nvml is not None
+        return fake_nvml
+
+    async with open_test_runtime(config, faults=faults, nvml_backend=nvml_backend) as rt:
+        chaos = Chaos(rt, faults, options, fake_nvml, logs)
         async with trio.open_nursery() as load:
             for provider in chaos.providers:
                 load.start_soon(chaos.provider_slot, provider)
+            for process in chaos.processes:
+                load.start_soon(chaos.process_slot, process)
             await rt.core.gate.wait_ready()
-            say(f"READY with {options.gpus} GPUs from {options.providers} providers")
+            say(f"READY with {options.gpus} GPUs from {options.providers} providers and "
+                f"{options.process_providers} provider processes")
+            if fake_nvml is not None:
+                await wait_until(lambda: bool(rt.nvml_pollers)
+                                 and rt.nvml_pollers[-1].statistics().monitor_running)
+                # One GPU is already broken when the faults start, so that every NVML crash
+                # puts its verdict to the test.
+                broken = FaultRecord("nvml_xid", "", trio.current_time())
+                chaos.inject_xid(broken, load)
+                await wait_until(lambda: broken.recovered_after is not None)
+                chaos.baseline.append(broken)
             for i in range(options.watchers):
                 client: ChaosClient = await run_aio(_make_chaos_client, chaos.socket)
                 chaos.clients.append(client)
@@ -695,8 +985,11 @@ async def run_chaos(options: ChaosOptions, socket_dir: str | Path,
             say("recovered; stopping writes and letting everything settle")
             for provider in chaos.providers:
                 provider.stop_writing = True
+            for process in chaos.processes:
+                await process.request_stop()
             with trio.move_on_after(options.recover_timeout):
                 await wait_until(lambda: all(p.pending is None for p in chaos.providers)
+                                 and all(p.stopped for p in chaos.processes)
                                  and rt.core.sessions.statistics().masked == 0)
             with trio.move_on_after(options.recover_timeout):
                 await wait_until(lambda: not chaos.unconverged())
@@ -704,6 +997,7 @@ async def run_chaos(options: ChaosOptions, socket_dir: str | Path,
             if unconverged:
                 chaos.errors.append(chaos.diagnose())
             lost = chaos.lost_writes()
+            nvml_mismatches = chaos.nvml_mismatches()
             say(f"checked: {len(lost)} lost writes, {len(unconverged)} unconverged informers")
             serving = rt.core.gate.serving and await run_aio(_serving, chaos.socket)
             say("stopping the load")
@@ -718,22 +1012,32 @@ async def run_chaos(options: ChaosOptions, socket_dir: str | Path,
         owner_fired = sum(1 for i in faults.history()
                           if i.actor == "cache_owner" and i.fault in ("crash", "exit")
                           and i.fired_at is not None)
-        restarts = rt.metrics.registry.get_sample_value(
-            "device_api_server_actor_restarts_total", {"actor": "cache_owner"}) or 0.0
+
+        def restarts_of(actor: str) -> float:
+            return rt.metrics.registry.get_sample_value(
+                "device_api_server_actor_restarts_total", {"actor": actor}) or 0.0
+
+        def fired(actor: str) -> int:
+            return sum(1 for i in faults.history() if i.actor == actor and i.fired_at is not None)
+
         ends: collections.Counter[str] = collections.Counter()
         for client in chaos.clients:
             ends.update(client.ends)
         return ChaosReport(
             options=options, faults=chaos.records,
-            writes_acked=sum(p.acked for p in chaos.providers),
+            writes_acked=(sum(p.acked for p in chaos.providers)
+                          + sum(p.acked for p in chaos.processes)),
             write_retries=sum(p.retries for p in chaos.providers),
             stream_ends=dict(ends), gaps=chaos.gaps, evictions=hub.evictions,
             resumes=sum(i.resumes for i in chaos.informers),
             relists=sum(i.relists - 1 for i in chaos.informers),  # not the first list
-            owner_restarts=restarts, owner_faults_fired=owner_fired,
+            owner_restarts=restarts_of("cache_owner"), owner_faults_fired=owner_fired,
             root_restarts=rt.root.statistics().total_restarts,
-            grpc_faults_fired=sum(1 for i in faults.history()
-                                  if i.actor == "grpc" and i.fired_at is not None),
+            grpc_faults_fired=fired("grpc"),
+            nvml_restarts=restarts_of("nvml"), nvml_faults_fired=fired("nvml"),
+            nvml_mismatches=nvml_mismatches, xids=dict(chaos.xids),
+            process_kills=sum(p.kills for p in chaos.processes),
+            process_starts=sum(p.incarnations for p in chaos.processes),
             serving=serving, lost_writes=lost, unconverged=unconverged,
             leaked_watchers=hub.active, leaked_calls=rt.grpc.in_flight,
             seconds=trio.current_time() - started, errors=chaos.errors)
@@ -759,7 +1063,8 @@ def _open_fds() -> set[str]:
 
 #: ``make chaos``: node scale for the state (1024 GPUs, 8 providers) with as many informers as
 #: one process can serve while it also plays every client (they share its one core).
-FULL = ChaosOptions(gpus=1024, watchers=32, faults=100, providers=8, write_rate=10.0,
+FULL = ChaosOptions(gpus=1024, watchers=32, faults=100, providers=8, process_providers=2,
+                    nvml_gpus=8, write_rate=10.0,
                     padding=300, stall_s=4.0, recover_timeout=60.0)
 
 
@@ -802,7 +1107,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['recovery_max_ms']:9.1f}")
     print()
     for key in ("faults", "writes_acked", "write_retries", "stream_ends", "evictions",
-                "resumes", "relists", "owner_restarts", "root_restarts", "seconds"):
+                "resumes", "relists", "owner_restarts", "root_restarts", "nvml_restarts",
+                "xids", "process_kills", "process_starts", "seconds"):
         print(f"{key}: {summary[key]}")
     notes = collections.Counter(f"{r.kind}: {r.note}" for r in report.faults if r.note)
     for note, n in sorted(notes.items()):

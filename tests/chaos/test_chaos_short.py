@@ -2,10 +2,12 @@
 
 The scenario and its invariants live in ``bench.chaos`` (``make chaos`` runs the full size):
 CacheOwner crashes, exits, hangs and crashes on its k-th next message, watch streams ended,
-stalled and disconnected, provider connections dropped and provider incarnations killed, all
-under write load. Afterwards: no acknowledged write lost, no gap in any watch stream, only
-resumable stream ends, every informer converged, READY and SERVING, no escalation, every fault
-recovered, no watcher slot or call left over (and the suite's fd/task leak checks).
+stalled and disconnected, provider connections dropped and provider incarnations cancelled, a
+provider process killed with SIGKILL and started again, the embedded NVML provider (fake NVML)
+crashed and its XIDs reported, all under write load. Afterwards: no acknowledged write lost, no
+gap in any watch stream, only resumable stream ends, every informer converged, every NVML
+verdict still in the server, READY and SERVING, no escalation, every fault recovered, no watcher
+slot or call left over (and the suite's fd/process/task leak checks).
 
 The second test pins what the first chaos runs found: a provider that comes back from a
 heartbeat timeout and writes before its heartbeat is processed used to leave the server's
@@ -46,6 +48,9 @@ async def test_short_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     assert {f.kind for f in report.faults} == set(KINDS)
     assert report.writes_acked > 0
     assert report.owner_restarts == report.owner_faults_fired > 0
+    assert report.nvml_restarts == report.nvml_faults_fired > 0
+    assert report.process_kills > 0 and report.process_starts > report.process_kills
+    assert report.xids["delivered"] > 0
 
 
 async def test_heartbeat_restore_after_a_write_while_masked(tmp_path: Path) -> None:
