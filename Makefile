@@ -29,6 +29,8 @@ proto:
 
 test: .venv/.installed tools
 	$(PY) -m pytest -q
+	@echo "== the same suite with trio as a guest of asyncio (the server's default --bridge) =="
+	$(PY) -m pytest -q --bridge guest --deselect "tests/hostile/test_hostile_churn.py::test_connect_watch_disconnect_churn_leaves_nothing_behind[10000]"
 
 lint: .venv/.installed
 	$(PY) -m ruff check src tests bench examples

@@ -66,6 +66,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.health.v1.health_grpc import HealthStub
 
 from deviceapi._app import Runtime
+from deviceapi._config import Config
 from deviceapi.actors import _store as ops
 from deviceapi.client import DeviceApiClient, is_retryable
 from deviceapi.client.informer import Informer
@@ -76,6 +77,7 @@ from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
 from deviceapi.testing import FaultInjector
 from deviceapi.testing.objects import gpu_name
 from deviceapi.testing.runtime import make_test_config, open_test_runtime, run_aio, wait_until
+from deviceapi.transport import _bridge
 
 LOAD = "ChaosLoad"
 INIT = "ChaosInit"
@@ -1077,6 +1079,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", type=int)
     parser.add_argument("--gpus", type=int)
     parser.add_argument("--watchers", type=int)
+    parser.add_argument("--bridge", choices=_bridge.MODES, default=Config().bridge,
+                        help="how the in-process server hosts trio and asyncio (default: "
+                             "the server's default)")
     args = parser.parse_args(argv)
     options = ChaosOptions() if args.short else FULL
     changes = {k: v for k, v in {"seed": args.seed, "faults": args.faults, "gpus": args.gpus,
@@ -1087,6 +1092,8 @@ def main(argv: list[str] | None = None) -> int:
     def say(text: str) -> None:
         print(f"[{time.monotonic() - t0:6.1f}s] {text}", flush=True)
 
+    say(f"--bridge {args.bridge}")
+
     async def go() -> ChaosReport:
         with tempfile.TemporaryDirectory(prefix="deviceapi-chaos-") as tmp, \
                 trio.fail_after(60 + options.faults * 3 + options.recover_timeout * 4):
@@ -1094,7 +1101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("deviceapi").setLevel(logging.ERROR)  # faults are expected here
     fds = _open_fds()
-    report = trio.run(go)
+    report = _bridge.run(go, mode=args.bridge)
     gc.collect()
     leaked = _open_fds() - fds
     if leaked:

@@ -67,6 +67,7 @@ from ._workers import run_worker
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLOOR_MODES = ("asyncio", "asyncio-metrics", "trio-asyncio", "guest")
+BRIDGES = ("trio-asyncio", "guest")
 #: The fan-out floor that writes everything queued for a stream at once.
 COALESCE = "asyncio-coalesce"
 
@@ -101,6 +102,10 @@ class Sizes:
     full_idle_s: float = 5.0
     full_storm: tuple[float, float] = (100.0, 4.0)
     drain_s: float = 15.0
+    #: The server's --bridge ("" for its default).
+    bridge: str = ""
+    #: GPUs of the two idle servers (one per bridge) measured next to the unary floors.
+    twin_gpus: int = 64
 
 
 QUICK = Sizes(gpus=128, providers=2, watchers=32, watcher_procs=2, idle_s=3.0, list_calls=40,
@@ -243,6 +248,7 @@ async def start_server(workdir: Path, name: str, sizes: Sizes, log: Path,
         "--max-watchers", str(sizes.watchers + 16),
         "--subscribe-rate", "1000", "--subscribe-burst", str(sizes.watchers + 16),
         "--shutdown-delay", "0", "--shutdown-timeout", "5", "--log-format", "text",
+        *(["--bridge", sizes.bridge] if sizes.bridge else []),
         *extra,
     ]
     out = log.open("ab")
@@ -511,6 +517,28 @@ class Bench:
                  f"in flight, {s.unary_s:g} s per target")
         targets = {mode: self.floors[mode] for mode in FLOOR_MODES}
         targets["deviceapi"] = (self.server.socket, self.server.pid)
+        names = {target: self.names for target in targets}
+        # Idle twins, one per bridge, as idle as the floors: the bridge's cost side by side.
+        twins = []
+        for bridge in BRIDGES:
+            twin = await start_server(
+                self.workdir, f"twin-{bridge}", dataclasses.replace(s, bridge=bridge), self.log,
+                "--simulate", str(s.twin_gpus), "--min-gpus", str(s.twin_gpus))
+            twins.append(twin)
+            await twin.wait_ready()
+            targets[f"deviceapi idle {bridge}"] = (twin.socket, twin.pid)
+            listing = pb.ListGpusResponse.FromString(await fetch_listing(twin.socket))
+            names[f"deviceapi idle {bridge}"] = [
+                g.metadata.name for g in listing.gpu_list.items]
+        try:
+            await self._unary_rounds(targets, names)
+        finally:
+            for twin in twins:
+                await twin.stop()
+
+    async def _unary_rounds(self, targets: dict[str, tuple[str, int]],
+                            names: dict[str, list[str]]) -> None:
+        s = self.sizes
         totals: dict[str, dict[str, float]] = {
             k: {"calls": 0, "seconds": 0.0, "cpu": 0.0} for k in targets}
         latencies: dict[str, list[float]] = {k: [] for k in targets}
@@ -518,7 +546,7 @@ class Bench:
             for target, (socket, pid) in targets.items():
                 before = cpu_seconds(pid)
                 replies = await asyncio.gather(*(w.call({
-                    "cmd": "unary", "socket": socket, "names": self.names,
+                    "cmd": "unary", "socket": socket, "names": names[target],
                     "concurrency": s.unary_concurrency, "channels": 2,
                     "duration": s.unary_s, "max_calls": 1_000_000}, timeout=s.unary_s + 60)
                     for w in self.load))
@@ -775,6 +803,12 @@ def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     for mode in FLOOR_MODES[1:]:
         rows.append((f"  floor on {mode} round trips/s", "", f"{un[mode]['calls_per_s']:.0f}",
                      f"x{un[mode]['ratio']:.2f}", ""))
+    for bridge in BRIDGES:
+        twin = un.get(f"deviceapi idle {bridge}")
+        if twin:
+            rows.append((f"  idle deviceapi, --bridge {bridge}: round trips/s, µs CPU",
+                         f"{twin['calls_per_s']:.0f}, {twin['server_cpu_us_per_call']:.0f}", "",
+                         f"x{twin['ratio']:.2f}", ""))
     for label, st in results["storms"].items():
         lat = st["all_watchers_latency_ms"]
         target = f"p99 < {TARGETS['storm100_p99_ms']:g}" if label == "storm 100/s" else ""
@@ -916,7 +950,7 @@ def plots(results: dict[str, Any], stem: Path) -> list[str]:
     un = results["unary"]
     targets = list(un)
     ax2.bar([t.replace("-", "-\n") for t in targets], [un[t]["calls_per_s"] for t in targets],
-            color=["#69c"] * (len(targets) - 1) + ["#c63"])
+            color=["#c63" if t.startswith("deviceapi") else "#69c" for t in targets])
     ax2.set_ylabel("GetGpu round trips / s")
     ax2.set_title("unary throughput: floors vs deviceapi")
     ax2.tick_params(axis="x", labelsize=7)
@@ -998,6 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="small sizes (128 GPUs, 32 watchers), under a minute")
     parser.add_argument("--gpus", type=int, help="override the number of GPUs")
     parser.add_argument("--watchers", type=int, help="override the number of watchers")
+    parser.add_argument("--bridge", choices=BRIDGES,
+                        help="the measured server's --bridge (default: the server's default)")
     parser.add_argument("--report", metavar="JSON",
                         help="print the table and redraw the plots of a saved run; run nothing")
     args = parser.parse_args(argv)
@@ -1014,6 +1050,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = dataclasses.replace(sizes, gpus=args.gpus)
     if args.watchers:
         sizes = dataclasses.replace(sizes, watchers=args.watchers)
+    if args.bridge:
+        sizes = dataclasses.replace(sizes, bridge=args.bridge)
     return asyncio.run(amain(sizes, args.quick))
 
 

@@ -11,6 +11,13 @@
   the test would hang into its ``fail_after`` instead).
 
 A test that must keep something open on purpose can be marked ``@pytest.mark.no_leak_check``.
+
+``--bridge guest`` runs every trio test with trio as a guest of a native asyncio loop (the
+server's default, ``--bridge guest``) instead of pytest-trio's plain ``trio.run`` under
+trio-asyncio (``--bridge trio-asyncio``, this option's default): the same tests, the other
+arrangement of the two loops. Server processes the tests start follow the option too
+(``DEVICE_API_BRIDGE``). ``make test`` runs both. (In guest mode only trio's clock is virtual;
+asyncio's timers run on real time.)
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import functools
 import gc
 import os
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from inspect import iscoroutinefunction
 
 import pytest
@@ -29,8 +36,33 @@ _IGNORED_TARGET_PREFIXES = ("/dev/", "anon_inode:", "/proc/")
 _IGNORED_TARGET_PARTS = ("/.pytest_cache/", "/.hypothesis/", "/__pycache__/")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--bridge", choices=("trio-asyncio", "guest"), default="trio-asyncio",
+                     help="how trio tests host asyncio (the server's --bridge)")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "no_leak_check: skip the fd/process/task leak checks")
+    # Server processes the tests start use the same arrangement.
+    os.environ["DEVICE_API_BRIDGE"] = config.getoption("--bridge")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--bridge guest``, hand every trio test pytest-trio's runner hook a guest run."""
+    if config.getoption("--bridge") != "guest":
+        return
+    for item in items:
+        if item.get_closest_marker("trio") is not None:
+            item.add_marker(pytest.mark.trio(run=_run_as_guest), append=False)
+
+
+def _run_as_guest(fn: Callable[[], Awaitable[object]], *,
+                  clock: trio.abc.Clock | None = None,
+                  instruments: Sequence[trio.abc.Instrument] = ()) -> object:
+    from deviceapi.transport import _bridge
+
+    return _bridge.run(fn, mode="guest", clock=clock, instruments=instruments)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

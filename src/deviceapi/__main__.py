@@ -18,6 +18,7 @@ import trio
 from ._config import Config, ConfigError, parse_config
 from ._logging import configure_logging
 from .supervisors import describe, unwrap
+from .transport import _bridge
 
 log = logging.getLogger("deviceapi.main")
 
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     configure_logging(config.log_format, config.verbosity)
     try:
-        trio.run(serve, config)
+        _bridge.run(serve, config, mode=config.bridge)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # startup failures and escalations: one clear line, no traceback

@@ -50,6 +50,7 @@ class Config:
     shutdown_delay: float = 5.0
     log_format: Literal["json", "text"] = "json"
     verbosity: int = 0
+    bridge: Literal["trio-asyncio", "guest"] = "guest"
     enable_nvml_provider: bool = False
     nvml_driver_root: str = "/run/nvidia/driver"
     nvml_health_check: bool = True
@@ -194,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Log line format.")
     life.add_argument("-v", "--verbosity", type=_non_negative_int, default=d.verbosity,
                       help="Log verbosity: 0 info, 1 debug, 2 and more trace.")
+    life.add_argument("--bridge", choices=("trio-asyncio", "guest"), default=d.bridge,
+                      help="How the trio actors and grpclib's asyncio share the thread: guest "
+                           "(trio as a guest of a native asyncio loop; cheaper per call) or "
+                           "trio-asyncio (an asyncio loop on top of trio). The test suite runs "
+                           "in both; see docs/BENCHMARKS.md.")
     life.add_argument("--check-config", action="store_true",
                       help="Validate flags and environment, print the effective configuration "
                            "as JSON and exit (0 valid, 2 invalid).")

@@ -1,30 +1,125 @@
 """The one seam between trio and asyncio (the only module that imports trio_asyncio).
 
-grpclib is an asyncio library; our actors are trio. Everything runs in one thread, inside the
-single ``trio_asyncio.open_loop()`` that lives for the process. Crossings:
+grpclib is an asyncio library; our actors are trio. Everything runs in one thread, in one of
+two arrangements, chosen once per process by :func:`run` (``--bridge``):
 
-- asyncio → trio, the *direct crossing* (ARCHITECTURE §4, ≈45 µs measured): a handler hands an
-  actor a message carrying a :class:`FutureReply` with ``send_nowait`` (legal: same thread) and
-  awaits the asyncio future, which the actor resolves synchronously;
+- ``guest`` (the server's default): a native asyncio loop is the host and trio runs as its
+  guest (``trio.lowlevel.start_guest_run``). grpclib's I/O runs on the plain asyncio loop,
+  without trio-asyncio's per-callback costs (docs/BENCHMARKS.md: about a fifth less server
+  CPU per unary call); trio's own I/O wait runs in a worker thread.
+- ``trio-asyncio``: trio is the main loop and ``trio_asyncio.open_loop()`` runs an asyncio loop
+  on top of it. pytest-trio runs tests this way by default, with virtual time driving every
+  timer of both loops; ``pytest --bridge guest`` runs the same tests as guests.
+
+Crossings (the same API in both):
+
+- asyncio → trio, the *direct crossing* (ARCHITECTURE §4): a handler hands an actor a message
+  carrying a :class:`FutureReply` with ``send_nowait`` (legal: same thread) and awaits the
+  asyncio future, which the actor resolves synchronously. In guest mode trio waits for I/O in
+  a worker thread; a task made runnable from asyncio code still runs at once, because trio's
+  ``reschedule`` forces a guest tick when its run queue was empty (tests/unit/test_bridge.py
+  holds us to that).
 - trio → asyncio: :func:`aio_as_trio` for the few calls into grpclib from trio (starting and
-  closing servers, client calls).
-
-A different bridge (trio guest mode on a native asyncio loop) would replace only this module.
+  closing servers, client calls of the in-process providers).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import outcome
-import trio_asyncio
+import trio
 
 from ..actors import Reply
 
 T = TypeVar("T")
+Mode = Literal["trio-asyncio", "guest"]
+MODES: tuple[Mode, ...] = ("trio-asyncio", "guest")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Guest:
+    loop: asyncio.AbstractEventLoop
+    token: trio.lowlevel.TrioToken
+    #: The main task's context, for trio tasks started on asyncio's behalf (trio_as_aio).
+    context: contextvars.Context
+
+
+#: Set while a guest-mode run is active (one per process: the server's or the sidecar's).
+_guest: _Guest | None = None
+
+
+def mode() -> Mode:
+    """The arrangement of the current run."""
+    return "guest" if _guest is not None else "trio-asyncio"
+
+
+def run(
+    async_fn: Callable[..., Awaitable[T]],
+    *args: Any,
+    mode: Mode = "trio-asyncio",
+    clock: trio.abc.Clock | None = None,
+    instruments: Sequence[trio.abc.Instrument] = (),
+) -> T:
+    """Run ``async_fn(*args)`` (a trio function) as the process's main loop, bridged as asked.
+
+    ``clock`` and ``instruments`` go to trio (the test suite's guest-mode runner passes
+    pytest-trio's). ``KeyboardInterrupt`` propagates as from ``trio.run``.
+    """
+    if mode == "trio-asyncio":
+        return trio.run(async_fn, *args, clock=clock, instruments=instruments)
+    # A plain selector loop: once imported, trio_asyncio's policy makes loops that run on trio.
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        return runner.run(_host(async_fn, args, clock, instruments))
+
+
+async def _host(async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
+                clock: trio.abc.Clock | None, instruments: Sequence[trio.abc.Instrument]) -> T:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[outcome.Outcome[T]] = loop.create_future()
+
+    async def guest_main() -> T:
+        global _guest
+        patched = sys.modules.get("trio_asyncio")
+        if patched is not None:
+            # trio_asyncio, once imported (by a test process that also used the default),
+            # answers "which asyncio loop is running" in trio tasks from its context variable.
+            patched.current_loop.set(loop)
+        _guest = _Guest(loop, trio.lowlevel.current_trio_token(), contextvars.copy_context())
+        try:
+            return await async_fn(*args)
+        finally:
+            _guest = None
+
+    trio.lowlevel.start_guest_run(
+        guest_main,
+        run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+        run_sync_soon_not_threadsafe=loop.call_soon,
+        done_callback=done.set_result,
+        host_uses_signal_set_wakeup_fd=True,
+        clock=clock,
+        instruments=instruments,
+    )
+    # The guest run owns cancellation: if this task is cancelled (Ctrl-C in asyncio.run), the
+    # guest still has to finish, so wait for it shielded and let its outcome speak.
+    result = await asyncio.shield(done)
+    return result.unwrap()
+
+
+def _trio_asyncio() -> Any:
+    """trio_asyncio, imported on first use: importing it patches asyncio's loop lookup, which a
+    guest-mode process must not have."""
+    import trio_asyncio
+
+    return trio_asyncio
 
 
 class FutureReply(Generic[T]):
@@ -36,13 +131,8 @@ class FutureReply(Generic[T]):
         self._future = future
 
     def resolve(self, result: outcome.Outcome[T]) -> None:
-        if self._future.done():
-            return
-        if isinstance(result, outcome.Value):
-            self._future.set_result(result.value)
-        else:
-            assert isinstance(result, outcome.Error)
-            self._future.set_exception(result.error)
+        if not self._future.done():
+            _settle(self._future, result)
 
 
 async def call(send: Callable[[Reply[T]], None]) -> T:
@@ -53,16 +143,69 @@ async def call(send: Callable[[Reply[T]], None]) -> T:
 
 
 def open_loop() -> AbstractAsyncContextManager[Any]:
-    """The process's one asyncio loop, running on top of trio."""
-    return trio_asyncio.open_loop()  # type: ignore[no-any-return]
+    """The process's one asyncio loop: opened on top of trio, or (guest mode) the host's."""
+    if _guest is not None:
+        return _host_loop()
+    return _trio_asyncio().open_loop()  # type: ignore[no-any-return]
 
 
-def trio_as_aio(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a trio async function so asyncio code can await it (≈155 µs a crossing: keep it
-    off hot paths)."""
-    return trio_asyncio.trio_as_aio(fn)  # type: ignore[no-any-return]
+@contextlib.asynccontextmanager
+async def _host_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
+    assert _guest is not None
+    yield _guest.loop
 
 
-def aio_as_trio(fn: Callable[..., Any]) -> Callable[..., Any]:
+def trio_as_aio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Wrap a trio async function so asyncio code can await it (≈93 µs a crossing under
+    trio-asyncio: keep it off hot paths)."""
+    if _guest is None:
+        return _trio_asyncio().trio_as_aio(fn)  # type: ignore[no-any-return]
+    guest = _guest
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any) -> T:
+        future: asyncio.Future[T] = guest.loop.create_future()
+
+        async def in_trio() -> None:
+            result = await outcome.acapture(fn, *args)
+            if not future.done():
+                _settle(future, result)
+
+        guest.token.run_sync_soon(functools.partial(
+            trio.lowlevel.spawn_system_task, in_trio, context=guest.context.copy()))
+        return await future
+
+    return wrapper
+
+
+def _settle(future: asyncio.Future[T], result: outcome.Outcome[T]) -> None:
+    if isinstance(result, outcome.Value):
+        future.set_result(result.value)
+    else:
+        assert isinstance(result, outcome.Error)
+        future.set_exception(result.error)
+
+
+def aio_as_trio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Wrap an asyncio coroutine function so trio code can await it."""
-    return trio_asyncio.aio_as_trio(fn)  # type: ignore[no-any-return]
+    if _guest is None:
+        return _trio_asyncio().aio_as_trio(fn)  # type: ignore[no-any-return]
+    guest = _guest
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        task = asyncio.ensure_future(fn(*args, **kwargs), loop=guest.loop)
+        finished = trio.Event()
+        # Setting a trio Event from an asyncio callback is fine in guest mode: same thread,
+        # between trio ticks, and trio schedules a tick for the woken task.
+        task.add_done_callback(lambda _: finished.set())
+        try:
+            await finished.wait()
+        except BaseException:
+            task.cancel()
+            with trio.CancelScope(shield=True):
+                await finished.wait()
+            raise
+        return task.result()
+
+    return wrapper

@@ -1,0 +1,141 @@
+"""The bridge's crossings in both arrangements (``transport/_bridge.py``).
+
+Plain (sync) tests that start their own run with ``_bridge.run``, so each arrangement is
+exercised whatever ``--bridge`` the suite runs with. The guest-mode wake-up is the subtle part:
+trio, waiting for I/O in its worker thread, does not notice a task that asyncio code made
+runnable unless it is poked; ``call`` pokes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import outcome
+import pytest
+import trio
+import trio.testing
+
+from deviceapi.actors import Reply
+from deviceapi.transport import _bridge
+
+MODES = _bridge.MODES
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_run_returns_and_reports_the_mode(mode: _bridge.Mode) -> None:
+    async def main() -> str:
+        async with _bridge.open_loop():
+            return _bridge.mode()
+
+    assert _bridge.run(main, mode=mode) == mode
+    assert _bridge.mode() == "trio-asyncio"  # nothing left behind after a guest run
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_run_raises_what_main_raises(mode: _bridge.Mode) -> None:
+    async def main() -> None:
+        await trio.lowlevel.checkpoint()
+        raise Boom("from trio")
+
+    with pytest.raises(Boom, match="from trio"):
+        _bridge.run(main, mode=mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_virtual_clock_drives_trio_timers(mode: _bridge.Mode) -> None:
+    async def main() -> float:
+        await trio.sleep(3600)
+        return trio.current_time()
+
+    started = time.monotonic()
+    assert _bridge.run(main, mode=mode, clock=trio.testing.MockClock(autojump_threshold=0)) \
+        == pytest.approx(3600)
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_call_reaches_an_idle_trio_actor_at_once(mode: _bridge.Mode) -> None:
+    """An asyncio task (started by an asyncio timer, as grpclib starts handlers) hands a
+    message to a trio actor blocked on its mailbox. Trio has no timer of its own due for
+    30 s: without the wake-up, the actor would sleep through the message until then."""
+
+    async def main() -> float:
+        send, receive = trio.open_memory_channel[Reply[int]](1)
+        answers: list[int] = []
+
+        async def handler() -> None:  # asyncio code
+            answers.append(await _bridge.call(send.send_nowait))
+
+        async with _bridge.open_loop():
+            loop = asyncio.get_running_loop()
+            with trio.fail_after(30):
+                sent_at = time.monotonic()
+                loop.call_later(0.05, lambda: asyncio.ensure_future(handler()))
+                reply = await receive.receive()
+                reply.resolve(outcome.Value(42))
+                await _bridge.aio_as_trio(asyncio.sleep)(0.01)  # let the handler finish
+            assert answers == [42]
+            return time.monotonic() - sent_at
+
+    assert _bridge.run(main, mode=mode) < 5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_aio_as_trio_returns_raises_and_cancels(mode: _bridge.Mode) -> None:
+    async def double(x: int) -> int:
+        await asyncio.sleep(0.01)
+        return x * 2
+
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise Boom("from asyncio")
+
+    cancelled: list[bool] = []
+
+    async def forever() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    async def main() -> int:
+        async with _bridge.open_loop():
+            with pytest.raises(Boom):
+                await _bridge.aio_as_trio(fails)()
+            with trio.move_on_after(0.1) as scope:
+                await _bridge.aio_as_trio(forever)()
+            assert scope.cancelled_caught
+            assert cancelled == [True]  # the asyncio task was cancelled and waited for
+            result: int = await _bridge.aio_as_trio(double)(21)
+            return result
+
+    assert _bridge.run(main, mode=mode) == 42
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_trio_as_aio_returns_and_raises(mode: _bridge.Mode) -> None:
+    async def trio_double(x: int) -> int:
+        await trio.sleep(0.01)
+        return x * 2
+
+    async def trio_fails() -> None:
+        await trio.lowlevel.checkpoint()
+        raise Boom("from trio")
+
+    async def asyncio_side() -> int:
+        with pytest.raises(Boom):
+            await _bridge.trio_as_aio(trio_fails)()
+        return await _bridge.trio_as_aio(trio_double)(21)
+
+    async def main() -> int:
+        async with _bridge.open_loop():
+            result: int = await _bridge.aio_as_trio(asyncio_side)()
+            return result
+
+    assert _bridge.run(main, mode=mode) == 42
