@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-interval", type=float, default=10.0,
                    help="seconds between heartbeats (keep below the server's heartbeat timeout)")
     p.add_argument("--log-format", choices=("json", "text"), default="json")
+    p.add_argument("--bridge", choices=_bridge.MODES, default="guest",
+                   help="how trio and asyncio share the thread (as the server's --bridge)")
     p.add_argument("-v", "--verbosity", type=int, default=0)
     return p
 
@@ -92,7 +94,7 @@ async def run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_format, args.verbosity)
-    trio.run(run, args)
+    _bridge.run(run, args, mode=args.bridge)
     return 0
 
 
