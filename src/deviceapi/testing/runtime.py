@@ -1,8 +1,9 @@
 """``open_test_runtime``: a whole server on a private Unix socket, for tests (ours and users').
 
 It runs inside the caller's trio run, so virtual time (pytest-trio's ``mock_clock`` /
-``autojump_clock``) drives every server timer. Client code is asyncio (grpclib); run it with
-:func:`run_aio`, which crosses the bridge once.
+``autojump_clock``) drives every server timer (under trio-asyncio, pytest-trio's default; in a
+guest run, ``pytest --bridge guest``, asyncio's timers keep real time). Client code is asyncio
+(grpclib); run it with :func:`run_aio`, which crosses the bridge once.
 """
 
 from __future__ import annotations
