@@ -9,6 +9,7 @@ runnable unless it is poked; ``call`` pokes it.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import outcome
@@ -139,3 +140,25 @@ def test_trio_as_aio_returns_and_raises(mode: _bridge.Mode) -> None:
             return result
 
     assert _bridge.run(main, mode=mode) == 42
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ctrl_c_stops_trio_cleanly_and_raises_keyboard_interrupt(mode: _bridge.Mode) -> None:
+    """SIGINT before the program handles it itself: like ``trio.run``, the run ends with
+    KeyboardInterrupt after trio's side has unwound (its ``finally`` ran), never abandoned."""
+    cleaned_up: list[bool] = []
+
+    async def main() -> None:
+        try:
+            signal.raise_signal(signal.SIGINT)
+            await trio.sleep(30)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(0.01)  # cleanup that needs the loop
+            cleaned_up.append(True)
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        _bridge.run(main, mode=mode)
+    assert cleaned_up == [True]
+    assert time.monotonic() - started < 10

@@ -85,6 +85,7 @@ async def _host(async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
                 clock: trio.abc.Clock | None, instruments: Sequence[trio.abc.Instrument]) -> T:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[outcome.Outcome[T]] = loop.create_future()
+    interrupt = trio.CancelScope()
 
     async def guest_main() -> T:
         global _guest
@@ -95,7 +96,9 @@ async def _host(async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
             patched.current_loop.set(loop)
         _guest = _Guest(loop, trio.lowlevel.current_trio_token(), contextvars.copy_context())
         try:
-            return await async_fn(*args)
+            with interrupt:
+                return await async_fn(*args)
+            raise KeyboardInterrupt  # cancelled by Ctrl-C (below), as trio.run would raise
         finally:
             _guest = None
 
@@ -108,9 +111,18 @@ async def _host(async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
         clock=clock,
         instruments=instruments,
     )
-    # The guest run owns cancellation: if this task is cancelled (Ctrl-C in asyncio.run), the
-    # guest still has to finish, so wait for it shielded and let its outcome speak.
-    result = await asyncio.shield(done)
+    try:
+        result = await asyncio.shield(done)
+    except asyncio.CancelledError:
+        # Ctrl-C while nothing in trio handles SIGINT (asyncio.Runner then cancels this task):
+        # stop the trio side and let it clean up, rather than abandon it half-run. A second
+        # Ctrl-C makes the Runner raise KeyboardInterrupt at once.
+        guest = _guest
+        if guest is not None:
+            guest.token.run_sync_soon(interrupt.cancel)
+        else:
+            interrupt.cancel()  # not entered yet: it starts cancelled
+        result = await done
     return result.unwrap()
 
 
