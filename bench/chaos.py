@@ -652,7 +652,7 @@ class Chaos:
             victim = self.rng.choice(self.processes)
             record.target = victim.id
             record.note = "killed" if victim.kill() else "between processes (not killed)"
-            nursery.start_soon(self.recover_process, record, victim, victim.acked)
+            nursery.start_soon(self.recover_provider, record, victim, victim.acked)
         elif kind == "nvml_xid":
             self.inject_xid(record, nursery)
         else:
@@ -705,13 +705,6 @@ class Chaos:
             else:
                 self.xids["lost_with_event_set"] += 1
                 record.note = "lost: its event set was freed by an NVML crash"
-            record.recovered_after = trio.current_time() - record.at
-
-    async def recover_process(self, record: FaultRecord, provider: ProcessProvider,
-                              acked: int) -> None:
-        """Recovered when the next process has had a write acknowledged."""
-        with trio.move_on_after(self.options.recover_timeout):
-            await wait_until(lambda: provider.acked > acked)
             record.recovered_after = trio.current_time() - record.at
 
     async def recover_owner(self, record: FaultRecord, injection: int) -> None:
@@ -806,8 +799,10 @@ class Chaos:
             if masked:
                 record.recovered_after = trio.current_time() - resumed
 
-    async def recover_provider(self, record: FaultRecord, provider: ChaosProvider,
-                               acked: int) -> None:
+    async def recover_provider(self, record: FaultRecord,
+                               provider: ChaosProvider | ProcessProvider, acked: int) -> None:
+        """Recovered when the provider (its next incarnation or process) has had a write
+        acknowledged."""
         with trio.move_on_after(self.options.recover_timeout):
             await wait_until(lambda: provider.acked > acked)
             record.recovered_after = trio.current_time() - record.at
