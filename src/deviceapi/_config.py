@@ -46,6 +46,15 @@ class Config:
     unix_socket: str = "/var/run/device-api/device.sock"
     health_port: int = 8081
     metrics_port: int = 9090
+    #: Bind addresses of the HTTP listeners ("" = every interface, the default).
+    health_address: str = ""
+    metrics_address: str = ""
+    #: SPEC §7.1: the merged upstream API (nvidia.nvsentinel.v1alpha1) on its own socket.
+    nvsentinel_api_socket: str = ""
+    #: SPEC §7.2: NVSentinel's platform-connector ingest on its own socket.
+    platform_connector_socket: str = ""
+    #: SPEC §7.3: condition types for which "True" means a problem.
+    problem_conditions: frozenset[str] = frozenset()
     shutdown_timeout: float = 30.0
     shutdown_delay: float = 5.0
     log_format: Literal["json", "text"] = "json"
@@ -101,6 +110,8 @@ class Config:
             value = getattr(self, field.name)
             if isinstance(value, XidSet):
                 value = "all" if value.everything else sorted(value.xids)
+            elif isinstance(value, frozenset):
+                value = sorted(value)
             out[field.name] = value
         return out
 
@@ -128,6 +139,11 @@ def parse_xids(text: str) -> XidSet:
             raise ConfigError(f"XID list {text!r}: {item!r} is not a number (or use 'all')")
         xids.add(int(item))
     return XidSet(frozenset(xids))
+
+
+def parse_names(text: str) -> frozenset[str]:
+    """A comma list of names (blanks dropped)."""
+    return frozenset(part.strip() for part in text.split(",") if part.strip())
 
 
 def parse_bool(text: str) -> bool:
@@ -183,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="HTTP port for /healthz, /livez and /readyz.")
     listen.add_argument("--metrics-port", type=_port, default=d.metrics_port,
                         help="HTTP port for /metrics (must differ from --health-port).")
+    listen.add_argument("--health-address", default=d.health_address,
+                        help='Address the health listener binds ("" = every interface).')
+    listen.add_argument("--metrics-address", default=d.metrics_address,
+                        help='Address the metrics listener binds ("" = every interface).')
+    listen.add_argument("--nvsentinel-api-socket", default=d.nvsentinel_api_socket,
+                        help="Unix socket serving the merged upstream API "
+                             "(nvidia.nvsentinel.v1alpha1.GpuService) from the same store; "
+                             '"" = off.')
+    listen.add_argument("--platform-connector-socket", default=d.platform_connector_socket,
+                        help="Unix socket accepting NVSentinel health monitors' "
+                             'HealthEventOccurredV1 batches; "" = off.')
 
     life = p.add_argument_group("lifecycle")
     life.add_argument("--shutdown-timeout", type=_positive_float, default=d.shutdown_timeout,
@@ -234,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Seconds between simulated health flaps of one GPU (0 = never).")
 
     bounds = p.add_argument_group("readiness and bounds")
+    bounds.add_argument("--problem-conditions", type=parse_names,
+                        default=d.problem_conditions,
+                        help="Condition types written in the 'True means a problem' style "
+                             "(comma list): for these, True counts as unhealthy.")
     bounds.add_argument("--min-gpus", type=_non_negative_int, default=d.min_gpus,
                         help="GPUs that must be registered before the server is READY.")
     bounds.add_argument("--provider-timeout", type=_positive_float, default=d.provider_timeout,
