@@ -42,6 +42,9 @@ from .transport.metrics import ServerMetrics
 
 log = logging.getLogger("deviceapi.app")
 
+#: Seconds of the shutdown timeout kept for ending undrained watch streams with a status.
+STREAM_END_GRACE = 1.0
+
 
 
 @dataclasses.dataclass(slots=True)
@@ -60,17 +63,23 @@ class Runtime:
     nvml_pollers: list[NvmlPoller] = dataclasses.field(default_factory=list)
 
     async def shutdown(self) -> None:
-        """SPEC §6: not ready → shutdown-delay → stop accepting → end watches with OK → let
-        in-flight calls finish within shutdown-timeout → force close → stop the providers."""
+        """SPEC §6: not ready → shutdown-delay → stop accepting → drain watches (then OK) and
+        let in-flight calls finish within shutdown-timeout → force close → stop the providers."""
         config = self.config
         log.info("shutdown: not ready", extra={"reason": "shutdown requested"})
         self.core.gate.begin_shutdown()
         await trio.sleep(config.shutdown_delay)
-        log.info("shutdown: closing listeners and watch streams")
+        log.info("shutdown: closing listeners and draining watch streams")
         self.grpc.stop_accepting()
-        self.core.hub.close_all()
-        with trio.move_on_after(config.shutdown_timeout) as waited:
+        self.core.hub.close_all()  # each stream ends OK once it has every committed event
+        # The last part of the timeout is for streams that could not be drained: they end
+        # UNAVAILABLE naming their last version (never OK with a silent tail; SPEC §3).
+        grace = min(STREAM_END_GRACE, config.shutdown_timeout / 4)
+        with trio.move_on_after(config.shutdown_timeout - grace) as waited:
             await self.grpc.wait_idle()
+        if waited.cancelled_caught and self.core.hub.abort_draining():
+            with trio.move_on_after(grace) as waited:
+                await self.grpc.wait_idle()
         if waited.cancelled_caught:
             log.warning("shutdown: in-flight calls did not finish in time; forcing close",
                         extra={"reason": f"{self.grpc.in_flight} calls"})
@@ -124,13 +133,16 @@ async def open_runtime(
     observer: Observer | None = None,
     grpc_wrappers: list[MappingWrapper] | None = None,
     nvml_backend: Callable[[], NvmlBackend] | None = None,
+    version_base: int | None = None,
 ) -> AsyncIterator[Runtime]:
     """Start a whole server inside the current trio run; yields once it is serving.
 
     ``nvml_backend`` replaces the real NVML library for ``--enable-nvml-provider`` (tests and
-    the chaos kit hand in a ``FakeNvml`` factory)."""
+    the chaos kit hand in a ``FakeNvml`` factory). ``version_base``: the resource version this
+    incarnation starts from; None (the server's only mode) derives it from the wall clock so
+    versions never repeat across restarts (SPEC §2)."""
     async with _bridge.open_loop():
-        core = Core.build(config, observer)
+        core = Core.build(config, observer, version_base=version_base)
         metrics = ServerMetrics(CollectorRegistry(), version=__version__, node=config.node_name)
         build_metrics(core, metrics)
         grpc = GrpcServer(core, config, [metrics.instrument, *(grpc_wrappers or [])])

@@ -97,7 +97,7 @@ async def test_a_stale_socket_is_replaced(tmp_path: Path, caplog: pytest.LogCapt
     stale.close()  # the file stays: a socket nobody listens on
     with pytest.raises(OSError):
         await trio.open_unix_socket(path)
-    with caplog.at_level(logging.INFO, logger="deviceapi.grpc"):
+    with caplog.at_level(logging.INFO, logger="deviceapi.socket"):
         async with open_test_runtime(config):
             assert mode(path) == 0o660
             with trio.fail_after(10):
@@ -214,7 +214,7 @@ async def test_tcp_on_a_non_loopback_address_warns_that_the_api_is_unauthenticat
     if address.startswith("[") and not socket.has_ipv6:
         pytest.skip("no IPv6")
     config = make_test_config(tmp_path, min_gpus=0, grpc_address=address)
-    with caplog.at_level(logging.WARNING, logger="deviceapi.grpc"):
+    with caplog.at_level(logging.WARNING, logger="deviceapi.socket"):
         async with open_test_runtime(config) as rt:
             assert rt.listeners.tcp_port
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING

@@ -42,7 +42,8 @@ async def server(tmp_path: Path, *gpus: tuple[str, str], **overrides: Any
     """A server holding ``gpus`` (name, Ready status). On the way out, wait (bounded) until
     both ends of the CLI's connections are closed."""
     overrides.setdefault("min_gpus", 0)
-    async with open_test_runtime(make_test_config(tmp_path, **overrides)) as rt:
+    # Versions from 0, so the expected output reads rv=1, 2, 3 (SPEC §2's base: test_restarts).
+    async with open_test_runtime(make_test_config(tmp_path, **overrides), version_base=0) as rt:
         for name, ready in gpus:
             await rt.core.store.write(store_ops.CreateGpu(pb.Gpu(
                 metadata=pb.ObjectMeta(name=name),
@@ -126,10 +127,11 @@ async def test_watch(tmp_path: Path) -> None:
     with trio.fail_after(20):
         async with server(tmp_path, (GPU_B, "True"), (GPU_A, "True")) as rt:
             cli = Cli(rt)
-            # --count N stops after N events: here the two ADDED of the initial snapshot
+            # --count N stops after N events: here the two ADDED of the initial snapshot, in
+            # version order
             lines = (await cli.ok("watch", "--count", "2")).splitlines()
             assert [line.split()[:3] for line in lines] == [
-                ["ADDED", GPU_A, "rv=2"], ["ADDED", GPU_B, "rv=1"]]
+                ["ADDED", GPU_B, "rv=1"], ["ADDED", GPU_A, "rv=2"]]
             assert lines[0].endswith("Ready=True")
 
             # live: the snapshot, then the change made after it arrived
@@ -148,7 +150,7 @@ async def test_watch(tmp_path: Path) -> None:
                             GPU_B, pb.Condition(type="Ready", status="False")))
             assert not buffer
             assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
-                ("ADDED", GPU_A), ("ADDED", GPU_B), ("MODIFIED", GPU_B)]
+                ("ADDED", GPU_B), ("ADDED", GPU_A), ("MODIFIED", GPU_B)]
             assert events[2]["object"]["status"]["conditions"][0]["status"] == "False"
             assert events[2]["object"]["resource_version"] == "3"
 

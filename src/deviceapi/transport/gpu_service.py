@@ -97,7 +97,7 @@ class GpuService(gpu_grpc.GpuServiceBase):
         finally:
             hub.unsubscribe(subscription)
         if end.kind == "closed":
-            return  # server shutdown: the stream ends with OK
+            return  # server shutdown, every committed event delivered: the stream ends OK
         status = Status.RESOURCE_EXHAUSTED if end.kind == "evicted" else Status.UNAVAILABLE
         raise GRPCError(status, end.message())
 

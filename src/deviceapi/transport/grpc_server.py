@@ -20,8 +20,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
-import stat
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -41,6 +39,8 @@ from ._limits import limit_requests
 from ._reflection import reflection_services
 from .gpu_service import GpuService
 from .provider_service import ProviderService
+from .unix_socket import ClaimedSocket, claim_unix_socket
+from .unix_socket import SocketPathError as SocketPathError  # where callers have imported it
 
 log = logging.getLogger("deviceapi.grpc")
 
@@ -49,49 +49,6 @@ MappingWrapper = Callable[[dict[str, Handler]], dict[str, Handler]]
 
 #: Seconds between the last call finishing and the connections being closed.
 CLOSE_LINGER = 0.2
-
-
-class SocketPathError(RuntimeError):
-    """The Unix socket path is unusable (exists and is not a socket, or is not writable)."""
-
-
-def prepare_socket_path(path: str) -> None:
-    """Create the socket's directory (0750) and remove a stale socket.
-
-    Never deletes anything that is not a socket: a regular file, directory or symlink at the
-    path stops the server with a clear error instead. A directory that already exists is the
-    operator's (it may be /run or /tmp): its mode is left alone.
-    """
-    directory = os.path.dirname(path) or "."
-    try:
-        os.makedirs(directory, mode=0o750)
-    except FileExistsError:
-        if not os.path.isdir(directory):
-            raise SocketPathError(
-                f"--unix-socket {path}: {directory} exists and is not a directory") from None
-    except NotADirectoryError:
-        raise SocketPathError(
-            f"--unix-socket {path}: a parent of {directory} is not a directory") from None
-    else:
-        os.chmod(directory, 0o750)  # makedirs' mode went through the umask
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise SocketPathError(
-            f"--unix-socket {path} exists and is a {_kind(info.st_mode)}, not a socket; "
-            "refusing to replace it")
-    log.info("removing stale socket", extra={"reason": path})
-    os.unlink(path)
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    if stat.S_ISDIR(mode):
-        return "directory"
-    return "regular file" if stat.S_ISREG(mode) else "special file"
 
 
 class _InFlight:
@@ -157,7 +114,7 @@ class GrpcServer:
         observer = core.observer
         self._inflight = _InFlight(lambda: observer.on_reject("unavailable"))
         self._servers: list[LimitedServer] = []
-        self._socket_path: str | None = None
+        self._claim: ClaimedSocket | None = None
         self.listeners = Listeners(None, None)
         # gRPC health of GpuService follows readiness; one status for every incarnation.
         self._serving = ServiceStatus()
@@ -203,12 +160,17 @@ class GrpcServer:
         try:
             if self.config.unix_socket:
                 path = self.config.unix_socket
-                prepare_socket_path(path)
+                # Never a live server's path; ours removed on exit only if still ours.
+                claim = claim_unix_socket(path, flag="--unix-socket", backlog=self._backlog())
+                self._claim = claim
                 server = self._server(servables)
                 self._servers.append(server)
-                await _bridge.aio_as_trio(server.start)(path=path, backlog=self._backlog())
-                os.chmod(path, 0o660)
-                self._socket_path = path
+                try:
+                    await _bridge.aio_as_trio(server.start)(sock=claim.sock,
+                                                            backlog=self._backlog())
+                except BaseException:
+                    claim.sock.close()
+                    raise
                 log.info("listening on unix socket", extra={"peer": path})
             tcp_port = None
             host_port = self.config.grpc_host_port()
@@ -226,7 +188,8 @@ class GrpcServer:
                 assert isinstance(listening, asyncio.Server)
                 tcp_port = listening.sockets[0].getsockname()[1]
                 log.info("listening on tcp", extra={"peer": f"{host}:{tcp_port}"})
-            self.listeners = Listeners(self._socket_path, tcp_port)
+            unix = self._claim.path if self._claim is not None else None
+            self.listeners = Listeners(unix, tcp_port)
             task_status.started(self.listeners)
             await trio.sleep_forever()
         finally:
@@ -269,9 +232,8 @@ class GrpcServer:
         self.remove_socket()
 
     def remove_socket(self) -> None:
-        """Remove our socket file (only if it is still a socket); idempotent."""
-        path, self._socket_path = self._socket_path, None
-        if path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    os.unlink(path)
+        """Remove our socket file, only if it is still ours (a successor may have replaced
+        it after our listener closed); idempotent."""
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            claim.release()
