@@ -77,7 +77,8 @@ class Runtime:
         grace = min(STREAM_END_GRACE, config.shutdown_timeout / 4)
         with trio.move_on_after(config.shutdown_timeout - grace) as waited:
             await self.grpc.wait_idle()
-        if waited.cancelled_caught and self.core.hub.abort_draining():
+        if waited.cancelled_caught:
+            self.core.hub.abort_draining()
             with trio.move_on_after(grace) as waited:
                 await self.grpc.wait_idle()
         if waited.cancelled_caught:

@@ -107,6 +107,7 @@ class Subscription:
         self.delivered_events = 0
         #: Shutdown: end with OK once everything queued has been delivered (SPEC §3).
         self.draining = False
+        self.drain_reason = ""
 
     @property
     def pending(self) -> int:
@@ -133,7 +134,7 @@ class Subscription:
         self._last_progress = now
         self.delivered_events += 1
         if self.draining and self.pending == 0:
-            self._finish(StreamEnd("closed", "server shutting down", self.resume_rv))
+            self._finish(StreamEnd("closed", self.drain_reason, self.resume_rv))
 
     def stalled(self, now: float, timeout: float) -> bool:
         return self.pending > 0 and now - self._last_progress >= timeout
@@ -331,10 +332,10 @@ class WatchHub:
         for sub in list(self._subs.values()):
             if sub.end is not None:
                 continue
+            sub.draining = True
+            sub.drain_reason = reason
             if sub.pending == 0:
                 sub._finish(StreamEnd("closed", reason, sub.resume_rv))
-            else:
-                sub.draining = True
 
     def abort_draining(self, reason: str = "server shutting down before this watch was "
                                           "drained") -> int:
