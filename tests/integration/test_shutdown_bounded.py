@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,8 +30,6 @@ DELAY = 1.0
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -126,7 +125,7 @@ async def test_exit_within_delay_plus_one_second_with_clients_connected(
     assert code == 0, stderr
     assert elapsed < DELAY + 1.0, f"exit took {elapsed:.2f}s after the signal"
     assert watch_end == [grpc.StatusCode.OK]
-    assert not os.path.exists(sock)
+    assert not await trio.Path(sock).exists()
     assert "Traceback" not in stderr[0]
 
 
