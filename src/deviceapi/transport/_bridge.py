@@ -139,7 +139,7 @@ def _trio_asyncio() -> Any:
     import grpclib.utils
     import trio_asyncio
 
-    grpclib.utils._current_task = asyncio.current_task  # type: ignore[attr-defined]
+    grpclib.utils._current_task = asyncio.current_task
     return trio_asyncio
 
 
