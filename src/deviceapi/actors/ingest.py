@@ -10,6 +10,8 @@ The ledger remembers, per GPU and check, what a condition cannot carry: the erro
 reported and, for a check whose latest event was unhealthy and fatal, that event's action and
 receipt order. ``recommended_action`` is derived from it: the action of the most recently
 received fatal event among the GPU's checks that are still failing (action NONE sets nothing).
+Node-level events never contribute an action; a healthy node-level event makes its check True
+on every GPU, so it also ends that check's failure wherever one was recorded.
 
 One departure from a literal reading of SPEC §7.2, because NVSentinel's gpu-health-monitor
 really does this: when a check reports several error codes and some recover, the monitor sends
