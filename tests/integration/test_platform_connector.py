@@ -385,3 +385,31 @@ async def test_socket_serves_health_and_is_removed_on_shutdown(
                  "grpc_method": "HealthEventOccurredV1", "grpc_code": "OK"}) == 0
             await runtime.shutdown()
         assert not await trio.Path(path).exists()
+
+
+# ---- examples/nvsentinel_monitor.py ----------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "nvsentinel_monitor.py"
+
+
+async def test_example_monitor_marks_a_gpu_and_recovers_it(
+        tmp_path: Path, stub_module: types.ModuleType) -> None:
+    with trio.fail_after(60):
+        async with serving(tmp_path, stub_module) as (runtime, _, client):
+            argv = [sys.executable, str(EXAMPLE), "--socket",
+                    runtime.config.platform_connector_socket, "--gpu-uuid", B, "--gpu-index", "1"]
+            for extra, status in ((["--fatal"], "False"), (["--healthy"], "True")):
+                result = await trio.run_process([*argv, *extra], capture_stdout=True,
+                                                capture_stderr=True, check=False)
+                assert result.returncode == 0, result.stderr.decode()
+                assert result.stdout.decode().startswith("ok GpuMemWatch ")
+                found = await condition(client, B, "GpuMemWatch")
+                assert found is not None and found.status == status
+            result = await trio.run_process([*argv[:4], "--gpu-uuid", "gpu-1"],
+                                            capture_stdout=True, capture_stderr=True, check=False)
+            # a name that is no GPU UUID resolves to nothing: counted, not an error
+            assert result.returncode == 0 and counted(runtime, "unresolved_unknown_uuid") == 1
+            result = await trio.run_process([*argv, "--check", "bad\tcheck"], capture_stdout=True,
+                                            capture_stderr=True, check=False)
+            assert result.returncode == 1
+            assert result.stderr.decode().startswith("nvsentinel_monitor: INVALID_ARGUMENT: ")
