@@ -3,6 +3,8 @@ PYTHON ?= python3
 PY := .venv/bin/python
 PROTO_DIR := src/deviceapi/proto
 PROTOS := $(PROTO_DIR)/device/v1alpha1/gpu.proto $(PROTO_DIR)/device/v1alpha1/provider.proto
+# SPEC §7.2: NVSentinel's platform-connector API (package datamodels).
+DATAMODELS_PROTOS := $(PROTO_DIR)/datamodels/health_event.proto
 
 # Every Python README names. The whole suite runs on .venv's interpreter ($(PYTHON); 3.11 in CI)
 # in both bridges; on each other one, the platform subset below, in both bridges too.
@@ -45,6 +47,10 @@ proto:
 		--python_out=$(PROTO_DIR) --mypy_out=$(PROTO_DIR) --grpclib_python_out=$(PROTO_DIR) $(PROTOS)
 	sed -i 's/^from device\.v1alpha1 import/from deviceapi.proto.device.v1alpha1 import/; s/^import device\.v1alpha1\./import deviceapi.proto.device.v1alpha1./; s/\([[ ,]\)device\.v1alpha1\./\1deviceapi.proto.device.v1alpha1./g' \
 		$(PROTO_DIR)/device/v1alpha1/*_pb2.py $(PROTO_DIR)/device/v1alpha1/*_pb2.pyi $(PROTO_DIR)/device/v1alpha1/*_grpc.py
+	$(PY) -m grpc_tools.protoc -I $(PROTO_DIR) \
+		--python_out=$(PROTO_DIR) --mypy_out=$(PROTO_DIR) --grpclib_python_out=$(PROTO_DIR) $(DATAMODELS_PROTOS)
+	sed -i 's/^import datamodels\./import deviceapi.proto.datamodels./; s/\([[ ,]\)datamodels\.health_event_pb2/\1deviceapi.proto.datamodels.health_event_pb2/g' \
+		$(PROTO_DIR)/datamodels/*_grpc.py
 
 test: .venv/.installed tools
 	$(PY) -m pytest -q

@@ -106,12 +106,13 @@ def build_metrics(core: Core, metrics: ServerMetrics) -> None:
     observer.on_watch_event = metrics.count_watch_event
     observer.on_evict = metrics.count_eviction
     observer.on_heartbeat_timeout = lambda provider: metrics.count_heartbeat_timeout()
+    observer.on_ingest = metrics.count_ingest
     core.gate.add_listener(lambda state: metrics.set_readiness(state.value))
     metrics.set_nvml_provider_enabled(False)
 
     def refresh_core() -> None:
         state = core.store.state
-        counts = health.count(state.gpus.values())
+        counts = health.count(state.gpus.values(), core.config.problem_conditions)
         metrics.set_cache_gpus(total=counts.total, healthy=counts.healthy,
                                unhealthy=counts.unhealthy, unknown=counts.unknown)
         metrics.set_cache_resource_version(state.rv)

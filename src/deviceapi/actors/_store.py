@@ -23,6 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from .._errors import Conflict, InvalidArgument, NotFound, ResourceExhausted
 from ..proto.device.v1alpha1.gpu_pb2 import Condition, Gpu, GpuSpec, GpuStatus, ObjectMeta
+from . import ingest
 
 EventType = Literal["ADDED", "MODIFIED", "DELETED"]
 
@@ -75,6 +76,12 @@ class State:
     #: GPUs whose Ready condition is overridden because their provider's heartbeat is overdue:
     #: name → the Ready condition the provider last wrote (None when it never wrote one).
     masked: Mapping[str, Condition | None] = dataclasses.field(default_factory=dict)
+    #: SPEC §7.2 ingest: per GPU and check, what conditions cannot carry (``ingest.Ledger``).
+    checks: ingest.Ledger = dataclasses.field(default_factory=dict)
+    #: Receipt counter of ingested events (orders fatal events across batches).
+    ingest_seq: int = 0
+    #: Idempotency keys of the last ``ingest.IDEMPOTENCY_KEYS`` applied batches, oldest first.
+    ingest_keys: tuple[str, ...] = ()
 
     def owned_by(self, provider: str) -> list[str]:
         """Names of the GPUs ``provider`` owns, sorted."""
@@ -89,6 +96,8 @@ class Result:
     gpu: Gpu | None = None
     created: bool = False
     deleted: bool = False
+    #: An ingested batch: what it did (None for every other command, and for a duplicate).
+    plan: ingest.Plan | None = None
 
 
 # ---- commands: one closed union of frozen records --------------------------------------------
@@ -155,6 +164,15 @@ class UnmaskProvider:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class IngestHealthEvents:
+    """SPEC §7.2: one NVSentinel batch, applied whole or not at all. A batch whose
+    ``idempotency_key`` was applied recently answers without applying anything again."""
+
+    events: tuple[ingest.HealthEvent, ...]
+    idempotency_key: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ClaimGpus:
     """A heartbeat names the GPUs its provider owns (existing GPUs only; no version bump)."""
 
@@ -184,6 +202,7 @@ Command = (
     | MaskProvider
     | UnmaskProvider
     | ClaimGpus
+    | IngestHealthEvents
 )
 
 
@@ -195,6 +214,7 @@ _OPERATIONS: dict[type, str] = {
     UpdateCondition: "update_condition",
     DeleteGpu: "delete",
     ClaimGpus: "claim",
+    IngestHealthEvents: "ingest",
 }
 
 
@@ -346,6 +366,8 @@ def apply(state: State, command: Command, limits: Limits, now: Timestamp) -> tup
                 if name in state.gpus:
                     owners[name] = provider
             return dataclasses.replace(state, owners=owners), Result(rv=state.rv), []
+        case IngestHealthEvents(events=events, idempotency_key=key):
+            return _ingest(state, events, key, limits, now)
     raise AssertionError(f"unknown command {command!r}")  # pragma: no cover
 
 
@@ -459,7 +481,7 @@ def _write(state: State, name: str, spec: GpuSpec, status: GpuStatus, current: G
         gpu = _build(name, spec, status, shown, namespace, rv)
     gpus = {**state.gpus, name: gpu}
     owners: Mapping[str, str] = {**state.owners, name: provider} if provider else state.owners
-    new_state = State(rv=rv, gpus=gpus, owners=owners, masked=masked)
+    new_state = dataclasses.replace(state, rv=rv, gpus=gpus, owners=owners, masked=masked)
     return new_state, Result(rv=rv, gpu=gpu), [Event("MODIFIED", gpu)]
 
 
@@ -472,7 +494,9 @@ def _delete(state: State, name: str, current: Gpu) -> tuple[State, Result, list[
     gpus = {k: v for k, v in state.gpus.items() if k != name}
     owners = {k: v for k, v in state.owners.items() if k != name}
     masked = {k: v for k, v in state.masked.items() if k != name}
-    new_state = State(rv=rv, gpus=gpus, owners=owners, masked=masked)
+    checks = {k: v for k, v in state.checks.items() if k != name}
+    new_state = dataclasses.replace(state, rv=rv, gpus=gpus, owners=owners, masked=masked,
+                                    checks=checks)
     return new_state, Result(rv=rv, gpu=None, deleted=True), [Event("DELETED", last)]
 
 
@@ -522,15 +546,18 @@ def _set_ready(state: State, masked: dict[str, Condition | None],
                      rv)
         gpus[name] = gpu
         events.append(Event("MODIFIED", gpu))
-    new_state = State(rv=rv, gpus=gpus, owners=state.owners, masked=masked)
+    new_state = dataclasses.replace(state, rv=rv, gpus=gpus, masked=masked)
     return new_state, Result(rv=rv), events
 
 
-def _upsert_condition(status: GpuStatus, condition: Condition) -> GpuStatus:
-    """Replace the condition of the same type (or append it); the server owns its timestamp."""
+def _upsert_condition(status: GpuStatus, condition: Condition,
+                      keep_time: bool = False) -> GpuStatus:
+    """Replace the condition of the same type (or append it); the server owns its timestamp
+    (``keep_time``: the caller decided it, as ingest does from the event's own time)."""
     incoming = Condition()
     incoming.CopyFrom(condition)
-    incoming.ClearField("last_transition_time")
+    if not keep_time:
+        incoming.ClearField("last_transition_time")
     conditions = [c for c in status.conditions if c.type != condition.type]
     position = next(
         (i for i, c in enumerate(status.conditions) if c.type == condition.type),
@@ -578,3 +605,41 @@ def _check_size(gpu: Gpu, limits: Limits) -> None:
         raise InvalidArgument(
             f"gpu object is {size} bytes, over the limit of {limits.max_object_bytes}"
         )
+
+
+def _ingest(state: State, events: tuple[ingest.HealthEvent, ...], key: str, limits: Limits,
+            now: Timestamp) -> tuple[State, Result, list[Event]]:
+    """Apply a planned batch to every GPU it changes, in name order, one version per GPU; any
+    refusal (too many conditions, an invalid condition, an object too large) refuses it all.
+
+    Ingest never takes ownership of a GPU: ownership decides whose heartbeat masks it, and
+    NVSentinel's monitors send no heartbeats."""
+    if key and key in state.ingest_keys:
+        return state, Result(rv=state.rv), []
+    plan = ingest.plan(events, state.gpus, state.checks, state.ingest_seq)
+    rv = state.rv
+    result_events: list[Event] = []
+    for name, change in plan.changes.items():
+        current = state.gpus[name]
+        status = _provider_view(state, name, current).status
+        for condition in change.conditions:
+            status = _upsert_condition(status, condition, keep_time=True)
+        if change.recommended_action is not None:
+            status = GpuStatus(conditions=status.conditions,
+                               recommended_action=change.recommended_action)
+        if len(status.conditions) > limits.max_conditions:
+            raise ResourceExhausted(
+                f"the batch would give gpu {name!r} {len(status.conditions)} conditions, over "
+                f"the limit of {limits.max_conditions}; nothing of the batch was applied",
+                "max_conditions")
+        validate_status(status, limits)
+        state, _, written = _write(state, name, current.spec, status, current,
+                                   current.metadata.namespace, "", limits, now)
+        result_events.extend(written)
+        rv = state.rv
+    keys = state.ingest_keys
+    if key:
+        keys = (*keys[-(ingest.IDEMPOTENCY_KEYS - 1):], key)
+    state = dataclasses.replace(state, checks=plan.ledger, ingest_seq=plan.seq,
+                                ingest_keys=keys)
+    return state, Result(rv=rv, plan=plan), result_events

@@ -40,6 +40,7 @@ from ._h2limits import LimitedServer
 from ._limits import limit_requests
 from ._reflection import reflection_services
 from .gpu_service import GpuService
+from .platform_connector import PlatformConnectorService
 from .provider_service import ProviderService
 
 log = logging.getLogger("deviceapi.grpc")
@@ -57,7 +58,7 @@ class SocketPathError(RuntimeError):
     """The Unix socket path is unusable (exists and is not a socket, or is not writable)."""
 
 
-def prepare_socket_path(path: str) -> None:
+def prepare_socket_path(path: str, flag: str = "--unix-socket") -> None:
     """Create the socket's directory (0750) and remove a stale socket.
 
     Never deletes anything that is not a socket: a regular file, directory or symlink at the
@@ -70,10 +71,10 @@ def prepare_socket_path(path: str) -> None:
     except FileExistsError:
         if not os.path.isdir(directory):
             raise SocketPathError(
-                f"--unix-socket {path}: {directory} exists and is not a directory") from None
+                f"{flag} {path}: {directory} exists and is not a directory") from None
     except NotADirectoryError:
         raise SocketPathError(
-            f"--unix-socket {path}: a parent of {directory} is not a directory") from None
+            f"{flag} {path}: a parent of {directory} is not a directory") from None
     else:
         os.chmod(directory, 0o750)  # makedirs' mode went through the umask
     try:
@@ -82,7 +83,7 @@ def prepare_socket_path(path: str) -> None:
         return
     if not stat.S_ISSOCK(info.st_mode):
         raise SocketPathError(
-            f"--unix-socket {path} exists and is a {_kind(info.st_mode)}, not a socket; "
+            f"{flag} {path} exists and is a {_kind(info.st_mode)}, not a socket; "
             "refusing to replace it")
     log.info("removing stale socket", extra={"reason": path})
     os.unlink(path)
@@ -159,7 +160,7 @@ class GrpcServer:
         observer = core.observer
         self._inflight = _InFlight(lambda: observer.on_reject("unavailable"))
         self._servers: list[LimitedServer] = []
-        self._socket_path: str | None = None
+        self._socket_paths: list[str] = []
         self.listeners = Listeners(None, None)
         # gRPC health of GpuService follows readiness; one status for every incarnation.
         self._serving = ServiceStatus()
@@ -170,14 +171,22 @@ class GrpcServer:
         provider = ProviderService(self.core)
         # Consumers wait for GpuService (readiness); providers for ProviderService, which
         # serves from the start (provider writes always pass, and they are what opens the gate).
-        health = Health({gpu: [self._serving], provider: []})
+        return self._assemble([gpu, provider], Health({gpu: [self._serving], provider: []}))
+
+    def _platform_connector_servables(self) -> list[Any]:
+        """SPEC §7.2's socket: the ingest service (a provider: SERVING from the start)."""
+        service = PlatformConnectorService(self.core)
+        return self._assemble([service], Health({service: []}))
+
+    def _assemble(self, services: list[Any], health: Health) -> list[Any]:
+        """The services wrapped (metrics, in-flight tracking), then health and reflection."""
         mapped = []
-        for service in (gpu, provider):
+        for service in services:
             mapping = service.__mapping__()
             for wrap in self._wrappers:
                 mapping = wrap(mapping)
             mapped.append(_Service(self._inflight.wrap(mapping)))
-        reflection = reflection_services([gpu, provider, health])
+        reflection = reflection_services([*services, health])
         observer = self.core.observer
         limit = self.config.max_receive_message_bytes
         guarded = [_Service(limit_requests(s.__mapping__(), limit,
@@ -204,14 +213,11 @@ class GrpcServer:
         servables = self._servables()
         try:
             if self.config.unix_socket:
-                path = self.config.unix_socket
-                prepare_socket_path(path)
-                server = self._server(servables)
-                self._servers.append(server)
-                await _bridge.aio_as_trio(server.start)(path=path, backlog=self._backlog())
-                os.chmod(path, 0o660)
-                self._socket_path = path
-                log.info("listening on unix socket", extra={"peer": path})
+                await self._listen_unix(self.config.unix_socket, "--unix-socket", servables)
+            if self.config.platform_connector_socket:
+                await self._listen_unix(self.config.platform_connector_socket,
+                                        "--platform-connector-socket",
+                                        self._platform_connector_servables())
             tcp_port = None
             host_port = self.config.grpc_host_port()
             if host_port is not None:
@@ -228,12 +234,21 @@ class GrpcServer:
                 assert isinstance(listening, asyncio.Server)
                 tcp_port = listening.sockets[0].getsockname()[1]
                 log.info("listening on tcp", extra={"peer": f"{host}:{tcp_port}"})
-            self.listeners = Listeners(self._socket_path, tcp_port)
+            self.listeners = Listeners(self.config.unix_socket or None, tcp_port)
             task_status.started(self.listeners)
             await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True):
                 await self.close()
+
+    async def _listen_unix(self, path: str, flag: str, servables: list[Any]) -> None:
+        prepare_socket_path(path, flag)
+        server = self._server(servables)
+        self._servers.append(server)
+        await _bridge.aio_as_trio(server.start)(path=path, backlog=self._backlog())
+        os.chmod(path, 0o660)
+        self._socket_paths.append(path)
+        log.info("listening on unix socket", extra={"peer": path})
 
     def stop_accepting(self) -> None:
         """Close the listening sockets; calls on open connections now get UNAVAILABLE.
@@ -288,9 +303,9 @@ class GrpcServer:
             self.remove_socket()
 
     def remove_socket(self) -> None:
-        """Remove our socket file (only if it is still a socket); idempotent."""
-        path, self._socket_path = self._socket_path, None
-        if path is not None:
+        """Remove our socket files (only those still sockets); idempotent."""
+        paths, self._socket_paths = self._socket_paths, []
+        for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 if stat.S_ISSOCK(os.lstat(path).st_mode):
                     os.unlink(path)
