@@ -214,6 +214,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "monitoring.prometheusRule.enabled": True,
         "monitoring.dashboard.enabled": True,
     },
+    "all-sockets": {
+        "platformConnector.enabled": True,
+        "server.problemConditions": "XidCritical,MemoryPressure",
+        "server.healthAddress": "0.0.0.0",
+        "server.metricsAddress": "0.0.0.0",
+    },
     "all-sidecar": {
         "nvml.sidecar.enabled": True,
         "nvml.criticalXids": "all",
