@@ -120,3 +120,17 @@ def test_http_bind_addresses_reach_the_server() -> None:
 def test_bad_bind_address_is_refused_by_the_schema(address: str) -> None:
     with pytest.raises(RenderError, match="schema"):
         render(nested({"server.healthAddress": address}))
+
+
+def test_migration_guide_names_the_chart_socket_paths() -> None:
+    """docs/MIGRATION.md tells users where to point their clients: the chart's defaults."""
+    from helmtest import REPO, require_module
+
+    values = require_module("yaml").safe_load((REPO / "helm/device-api-server/values.yaml")
+                                              .read_text())
+    guide = (REPO / "docs" / "MIGRATION.md").read_text()
+    assert values["nvsentinelApi"]["socket"] == UPSTREAM_SOCKET
+    assert values["platformConnector"]["socket"] == MONITOR_SOCKET
+    assert UPSTREAM_SOCKET in guide and MONITOR_SOCKET in guide
+    assert "unix:///var/run/nvsentinel.sock" in guide  # what the monitors dial in their pods
+    assert "](docs/MIGRATION.md)" in (REPO / "README.md").read_text()
