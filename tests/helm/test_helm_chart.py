@@ -395,9 +395,20 @@ def test_extra_args_and_env_pass_through() -> None:
         nested(
             {
                 "server.extraArgs": ["--nvml-recovery-quiet-period=120"],
-                "server.extraEnv": [{"name": "DEVICE_API_MIN_GPUS", "value": "8"}],
+                "server.extraEnv": [
+                    {"name": "DEVICE_API_SIMULATE_FLAP_INTERVAL", "value": "5"},
+                    {"name": "DEVICE_API_MIN_GPUS", "value": "8"},
+                ],
             }
         )
     )
     assert r.server["args"][-1] == "--nvml-recovery-quiet-period=120"
-    assert env_of(r.server)["DEVICE_API_MIN_GPUS"] == "8"
+    env = env_of(r.server)
+    assert env["DEVICE_API_MIN_GPUS"] == "8"
+    # What the server makes of it: a variable sets a flag the chart does not render; a flag the
+    # chart renders (--min-gpus) wins over its variable (docs/OPERATIONS.md, Configuration).
+    from deviceapi._config import parse_config
+
+    config, _ = parse_config(r.server["args"], environ={k: str(v) for k, v in env.items()})
+    assert config.simulate_flap_interval == 5
+    assert config.min_gpus == 1
