@@ -84,8 +84,11 @@ lint: .venv/.installed
 	$(PY) -m ruff check src tests bench examples
 	$(PY) -m mypy
 
+# A dev server: no shutdown delay (nothing to drain behind a load balancer), so Ctrl-C stops it
+# at once.
 run: .venv/.installed
-	$(PY) -m deviceapi --simulate 8 --unix-socket /tmp/device-api/device.sock --log-format text
+	$(PY) -m deviceapi --simulate 8 --unix-socket /tmp/device-api/device.sock --log-format text \
+		--shutdown-delay 0
 
 bench:
 	$(PY) -m bench.run

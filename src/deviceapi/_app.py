@@ -22,7 +22,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from . import __version__
-from ._config import Config
+from ._config import Config, bind_host
 from .actors import FaultHook, health
 from .actors.cache_owner import CacheOwner
 from .actors.core import Core, Observer
@@ -181,10 +181,11 @@ async def open_runtime(
             gate = core.gate
             async with trio.open_nursery() as nursery:
                 http_ports.health = await nursery.start(
-                    serve_http, "", config.health_port,
+                    serve_http, bind_host(config.health_address), config.health_port,
                     health_app(lambda: (gate.serving, gate.reason())))
                 http_ports.metrics = await nursery.start(
-                    serve_http, "", config.metrics_port, metrics_app(metrics))
+                    serve_http, bind_host(config.metrics_address), config.metrics_port,
+                    metrics_app(metrics))
                 task_status.started()
 
         children = [

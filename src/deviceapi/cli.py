@@ -1,12 +1,14 @@
-"""``device-api``: a command-line consumer and provider of the Device API.
+"""device-api: a command-line consumer and provider of the Device API.
 
     device-api list                   GPUs and their conditions (table, or -o json)
-    device-api get GPU-…              one GPU
+    device-api get GPU-...            one GPU
     device-api watch                  events as they happen (Ctrl-C to stop)
-    device-api set-condition GPU-… TYPE STATUS [--reason R] [--message M]
+    device-api set-condition GPU-... TYPE STATUS [--reason R] [--message M]
 
-Talks to the Unix socket by default (``--unix-socket``), or TCP with ``--address HOST:PORT``.
-Errors print the server's status and message on one line and exit 1.
+Talks to the server's Unix socket (--unix-socket, default /var/run/device-api/device.sock, or
+$DEVICE_API_UNIX_SOCKET), or to TCP with --address HOST:PORT. Errors print the server's status
+and message on one line and exit 1; a server that cannot be reached is named with the address
+tried.
 """
 
 from __future__ import annotations
@@ -31,28 +33,32 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--unix-socket", default=os.environ.get("DEVICE_API_UNIX_SOCKET",
                                                            DEFAULT_SOCKET),
-                   help="server socket (default: %(default)s)")
+                   help="server socket (default: %(default)s; $DEVICE_API_UNIX_SOCKET sets it)")
     p.add_argument("--address", default="", help="HOST:PORT instead of the Unix socket")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds per call (default: %(default)s)")
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("-o", "--output", choices=("table", "json"), default="table",
                         help="output format (default: %(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list GPUs", parents=[output])
     get = sub.add_parser("get", help="show one GPU", parents=[output])
-    get.add_argument("name")
+    get.add_argument("name", help="GPU name (its UUID, GPU-... or MIG-...)")
     watch = sub.add_parser("watch", help="stream GPU events", parents=[output])
     watch.add_argument("--resource-version", type=int, default=0,
                        help="resume after this version (0: start with the current GPUs)")
     watch.add_argument("--count", type=int, default=0, help="stop after N events (0: never)")
     setc = sub.add_parser("set-condition", help="upsert one condition (ProviderService)",
                           parents=[output])
-    setc.add_argument("name")
-    setc.add_argument("type")
-    setc.add_argument("status", choices=("True", "False", "Unknown"))
-    setc.add_argument("--reason", default="")
-    setc.add_argument("--message", default="")
-    setc.add_argument("--provider-id", default="device-api-cli")
+    setc.add_argument("name", help="GPU name (its UUID, GPU-... or MIG-...)")
+    setc.add_argument("type", help="condition type, e.g. Ready (other types are left alone)")
+    setc.add_argument("status", choices=("True", "False", "Unknown"),
+                      help="condition status: True, False or Unknown")
+    setc.add_argument("--reason", default="",
+                      help="short machine-readable reason, e.g. Maintenance (default: none)")
+    setc.add_argument("--message", default="", help="human-readable detail (default: none)")
+    setc.add_argument("--provider-id", default="device-api-cli",
+                      help="provider id the change is recorded under (default: %(default)s)")
     return p
 
 
@@ -108,7 +114,10 @@ async def run(args: argparse.Namespace) -> int:
         print(f"device-api: {exc.status.name}: {exc.message}", file=sys.stderr)
         return 1
     except (ConnectionError, OSError) as exc:
-        print(f"device-api: cannot reach the server: {exc}", file=sys.stderr)
+        where = f"tcp {args.address}" if args.address else f"unix socket {args.unix_socket}"
+        reason = exc.strerror or str(exc)
+        print(f"device-api: cannot reach the server at {where}: {reason} "
+              "(--unix-socket or --address say where it listens)", file=sys.stderr)
         return 1
     finally:
         client.close()
