@@ -3,6 +3,7 @@ PYTHON ?= python3
 PY := .venv/bin/python
 PROTO_DIR := src/deviceapi/proto
 PROTOS := $(PROTO_DIR)/device/v1alpha1/gpu.proto $(PROTO_DIR)/device/v1alpha1/provider.proto
+NVSENTINEL_PROTOS := $(PROTO_DIR)/nvsentinel/v1alpha1/gpu.proto
 
 .PHONY: proto test lint run bench chaos tools
 
@@ -19,13 +20,18 @@ tools: .venv/.installed
 
 # Regenerate the committed stubs (protobuf messages, .pyi, grpclib services). The imports are
 # rewritten to live under deviceapi.proto so the .proto file names stay those of the reference
-# server (device/v1alpha1/gpu.proto), which reflection clients see.
+# server (device/v1alpha1/gpu.proto), which reflection clients see. SPEC §7.1's package
+# (nvidia.nvsentinel.v1alpha1) is generated the same way, under deviceapi.proto.nvsentinel.
 proto: export PATH := $(abspath .venv/bin):$(PATH)
 proto:
 	$(PY) -m grpc_tools.protoc -I $(PROTO_DIR) \
 		--python_out=$(PROTO_DIR) --mypy_out=$(PROTO_DIR) --grpclib_python_out=$(PROTO_DIR) $(PROTOS)
 	sed -i 's/^from device\.v1alpha1 import/from deviceapi.proto.device.v1alpha1 import/; s/^import device\.v1alpha1\./import deviceapi.proto.device.v1alpha1./; s/\([[ ,]\)device\.v1alpha1\./\1deviceapi.proto.device.v1alpha1./g' \
 		$(PROTO_DIR)/device/v1alpha1/*_pb2.py $(PROTO_DIR)/device/v1alpha1/*_pb2.pyi $(PROTO_DIR)/device/v1alpha1/*_grpc.py
+	$(PY) -m grpc_tools.protoc -I $(PROTO_DIR) \
+		--python_out=$(PROTO_DIR) --mypy_out=$(PROTO_DIR) --grpclib_python_out=$(PROTO_DIR) $(NVSENTINEL_PROTOS)
+	sed -i 's/^from nvsentinel\.v1alpha1 import/from deviceapi.proto.nvsentinel.v1alpha1 import/; s/^import nvsentinel\.v1alpha1\./import deviceapi.proto.nvsentinel.v1alpha1./; s/\([[ ,]\)nvsentinel\.v1alpha1\./\1deviceapi.proto.nvsentinel.v1alpha1./g' \
+		$(PROTO_DIR)/nvsentinel/v1alpha1/*_pb2.py $(PROTO_DIR)/nvsentinel/v1alpha1/*_pb2.pyi $(PROTO_DIR)/nvsentinel/v1alpha1/*_grpc.py
 
 test: .venv/.installed tools
 	$(PY) -m pytest -q
