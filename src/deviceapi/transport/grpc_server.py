@@ -6,6 +6,11 @@ Both listeners serve the same handler objects. Health (``grpc.health.v1``): name
 provider sidecar can wait for it without waiting for the gate it is meant to open. Reflection
 lets ``grpcurl`` work unchanged.
 
+With ``--nvsentinel-api-socket``, a third grpclib server on its own Unix socket serves the
+merged upstream API (SPEC §7.1, ``nvidia.nvsentinel.v1alpha1.GpuService``) from the same core,
+with its own health name (following readiness) and reflection; it stops, drains and removes its
+socket with the others.
+
 Graceful stop (SPEC §6) is a sequence the app drives: :meth:`GrpcServer.stop_accepting` (close
 the listening sockets; calls on open connections get UNAVAILABLE), then the app ends watch
 streams, then :meth:`GrpcServer.wait_idle` lets in-flight calls finish, then
@@ -40,6 +45,7 @@ from ._h2limits import LimitedServer
 from ._limits import limit_requests
 from ._reflection import reflection_services
 from .gpu_service import GpuService
+from .nvsentinel_service import NvsentinelGpuService
 from .provider_service import ProviderService
 
 log = logging.getLogger("deviceapi.grpc")
@@ -144,6 +150,8 @@ class _Service:
 class Listeners:
     unix_socket: str | None
     tcp_port: int | None
+    #: SPEC §7.1's socket (None when off).
+    nvsentinel_socket: str | None = None
 
 
 class GrpcServer:
@@ -158,6 +166,7 @@ class GrpcServer:
         self._inflight = _InFlight(lambda: observer.on_reject("unavailable"))
         self._servers: list[LimitedServer] = []
         self._socket_path: str | None = None
+        self._extra_sockets: list[str] = []
         self.listeners = Listeners(None, None)
         # gRPC health of GpuService follows readiness; one status for every incarnation.
         self._serving = ServiceStatus()
@@ -169,13 +178,22 @@ class GrpcServer:
         # Consumers wait for GpuService (readiness); providers for ProviderService, which
         # serves from the start (provider writes always pass, and they are what opens the gate).
         health = Health({gpu: [self._serving], provider: []})
+        return self._assemble([gpu, provider], health)
+
+    def _nvsentinel_servables(self) -> list[Any]:
+        """SPEC §7.1's socket: its GpuService, health for its name (readiness), reflection."""
+        service = NvsentinelGpuService(self.core)
+        return self._assemble([service], Health({service: [self._serving]}))
+
+    def _assemble(self, services: list[Any], health: Health) -> list[Any]:
+        """``services`` wrapped (metrics, in-flight tracking), plus health and reflection."""
         mapped = []
-        for service in (gpu, provider):
+        for service in services:
             mapping = service.__mapping__()
             for wrap in self._wrappers:
                 mapping = wrap(mapping)
             mapped.append(_Service(self._inflight.wrap(mapping)))
-        reflection = reflection_services([gpu, provider, health])
+        reflection = reflection_services([*services, health])
         observer = self.core.observer
         limit = self.config.max_receive_message_bytes
         guarded = [_Service(limit_requests(s.__mapping__(), limit,
@@ -226,12 +244,28 @@ class GrpcServer:
                 assert isinstance(listening, asyncio.Server)
                 tcp_port = listening.sockets[0].getsockname()[1]
                 log.info("listening on tcp", extra={"peer": f"{host}:{tcp_port}"})
-            self.listeners = Listeners(self._socket_path, tcp_port)
+            nvsentinel = None
+            if self.config.nvsentinel_api_socket:
+                nvsentinel = await self._listen_unix(self.config.nvsentinel_api_socket,
+                                                     self._nvsentinel_servables())
+            self.listeners = Listeners(self._socket_path, tcp_port, nvsentinel)
             task_status.started(self.listeners)
             await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True):
                 await self.close()
+
+    async def _listen_unix(self, path: str, servables: list[Any]) -> str:
+        """Serve ``servables`` on one more Unix socket (0660, removed on close like the main
+        one)."""
+        prepare_socket_path(path)
+        server = self._server(servables)
+        self._servers.append(server)
+        await _bridge.aio_as_trio(server.start)(path=path, backlog=self._backlog())
+        os.chmod(path, 0o660)
+        self._extra_sockets.append(path)
+        log.info("listening on unix socket", extra={"peer": path})
+        return path
 
     def stop_accepting(self) -> None:
         """Close the listening sockets; calls on open connections now get UNAVAILABLE.
@@ -269,9 +303,10 @@ class GrpcServer:
         self.remove_socket()
 
     def remove_socket(self) -> None:
-        """Remove our socket file (only if it is still a socket); idempotent."""
+        """Remove our socket files (only if each is still a socket); idempotent."""
         path, self._socket_path = self._socket_path, None
-        if path is not None:
+        extra, self._extra_sockets = self._extra_sockets, []
+        for owned in ([path] if path is not None else []) + extra:
             with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    os.unlink(path)
+                if stat.S_ISSOCK(os.lstat(owned).st_mode):
+                    os.unlink(owned)
