@@ -61,15 +61,20 @@ class Runtime:
 
     async def shutdown(self) -> None:
         """SPEC §6: not ready → shutdown-delay → stop accepting → end watches with OK → let
-        in-flight calls finish within shutdown-timeout → force close → stop the providers."""
+        in-flight calls finish within shutdown-timeout → force close → stop the providers.
+
+        Bounded by shutdown-delay + shutdown-timeout (plus the force close's own short grace,
+        :meth:`GrpcServer.close`) whatever the clients do: connected, idle or not reading."""
         config = self.config
-        log.info("shutdown: not ready", extra={"reason": "shutdown requested"})
+        log.info("shutdown: not ready; draining before closing the listeners",
+                 extra={"reason": f"shutdown-delay {config.shutdown_delay:g}s"})
         self.core.gate.begin_shutdown()
         await trio.sleep(config.shutdown_delay)
-        log.info("shutdown: closing listeners and watch streams")
-        self.grpc.stop_accepting()
-        self.core.hub.close_all()
+        log.info("shutdown: closing listeners and watch streams",
+                 extra={"reason": f"shutdown-timeout {config.shutdown_timeout:g}s"})
         with trio.move_on_after(config.shutdown_timeout) as waited:
+            self.grpc.stop_accepting()
+            self.core.hub.close_all()
             await self.grpc.wait_idle()
         if waited.cancelled_caught:
             log.warning("shutdown: in-flight calls did not finish in time; forcing close",

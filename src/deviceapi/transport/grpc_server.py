@@ -55,6 +55,8 @@ MappingWrapper = Callable[[dict[str, Handler]], dict[str, Handler]]
 
 #: Seconds between the last call finishing and the connections being closed.
 CLOSE_LINGER = 0.2
+#: Seconds each step of :meth:`GrpcServer.close` may wait before it moves on.
+CLOSE_GRACE = 0.5
 
 
 class SocketPathError(RuntimeError):
@@ -285,22 +287,39 @@ class GrpcServer:
         await self._inflight.wait_idle()
 
     async def close(self) -> None:
-        """Cancel whatever still runs and wait for the servers to finish (idempotent)."""
+        """Cancel whatever still runs, close every connection, remove the socket (idempotent).
+
+        Bounded whatever clients do: each wait below has its own :data:`CLOSE_GRACE`, and
+        connections that do not close in time are dropped. (From Python 3.12,
+        ``asyncio.Server.wait_closed`` — and so grpclib's ``Server.wait_closed`` — waits until
+        every client has disconnected: an idle client, or the in-process providers' loopback
+        connections, would hold the shutdown until they went away.)
+        """
         servers, self._servers = self._servers, []
-        for server in servers:
-            with contextlib.suppress(RuntimeError):
-                server.close()
-        for server in servers:
-            with contextlib.suppress(RuntimeError):
-                await _bridge.aio_as_trio(server.wait_closed)()
-        if any(server.open_connections for server in servers):
-            # Answers just written may not be read yet, and grpclib's client fails every stream
-            # of a connection that closes: let them land, then close (a client on an idle
-            # connection then fails at once instead of at its deadline).
-            await trio.sleep(CLOSE_LINGER)
+        try:
+            for server in servers:
+                with contextlib.suppress(RuntimeError):
+                    server.close()  # stop accepting; cancel running calls
+            with trio.move_on_after(CLOSE_GRACE):
+                for server in servers:
+                    await _bridge.aio_as_trio(server.wait_calls_closed)()
+                if any(server.open_connections for server in servers):
+                    # Answers just written may not be read yet, and grpclib's client fails
+                    # every stream of a connection that closes: let them land, then close (a
+                    # client on an idle connection then fails at once instead of at its
+                    # deadline).
+                    await trio.sleep(CLOSE_LINGER)
             for server in servers:
                 server.close_connections()
-        self.remove_socket()
+            with trio.move_on_after(CLOSE_GRACE) as waited:
+                for server in servers:
+                    await _bridge.aio_as_trio(server.wait_connections_closed)()
+            if waited.cancelled_caught:
+                log.warning("shutdown: connections did not close in time; dropping them")
+                for server in servers:
+                    server.abort_connections()
+        finally:
+            self.remove_socket()
 
     def remove_socket(self) -> None:
         """Remove our socket files (only if each is still a socket); idempotent."""
