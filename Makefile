@@ -5,6 +5,7 @@ PROTO_DIR := src/deviceapi/proto
 PROTOS := $(PROTO_DIR)/device/v1alpha1/gpu.proto $(PROTO_DIR)/device/v1alpha1/provider.proto
 # SPEC §7.2: NVSentinel's platform-connector API (package datamodels).
 DATAMODELS_PROTOS := $(PROTO_DIR)/datamodels/health_event.proto
+NVSENTINEL_PROTOS := $(PROTO_DIR)/nvsentinel/v1alpha1/gpu.proto
 
 # Every Python README names. The whole suite runs on .venv's interpreter ($(PYTHON); 3.11 in CI)
 # in both bridges; on each other one, the platform subset below, in both bridges too.
@@ -40,7 +41,8 @@ tools: .venv/.installed
 
 # Regenerate the committed stubs (protobuf messages, .pyi, grpclib services). The imports are
 # rewritten to live under deviceapi.proto so the .proto file names stay those of the reference
-# server (device/v1alpha1/gpu.proto), which reflection clients see.
+# server (device/v1alpha1/gpu.proto), which reflection clients see. SPEC §7.1's package
+# (nvidia.nvsentinel.v1alpha1) is generated the same way, under deviceapi.proto.nvsentinel.
 proto: export PATH := $(abspath .venv/bin):$(PATH)
 proto:
 	$(PY) -m grpc_tools.protoc -I $(PROTO_DIR) \
@@ -51,6 +53,9 @@ proto:
 		--python_out=$(PROTO_DIR) --mypy_out=$(PROTO_DIR) --grpclib_python_out=$(PROTO_DIR) $(DATAMODELS_PROTOS)
 	sed -i 's/^import datamodels\./import deviceapi.proto.datamodels./; s/\([[ ,]\)datamodels\.health_event_pb2/\1deviceapi.proto.datamodels.health_event_pb2/g' \
 		$(PROTO_DIR)/datamodels/*_grpc.py
+		--python_out=$(PROTO_DIR) --mypy_out=$(PROTO_DIR) --grpclib_python_out=$(PROTO_DIR) $(NVSENTINEL_PROTOS)
+	sed -i 's/^from nvsentinel\.v1alpha1 import/from deviceapi.proto.nvsentinel.v1alpha1 import/; s/^import nvsentinel\.v1alpha1\./import deviceapi.proto.nvsentinel.v1alpha1./; s/\([[ ,]\)nvsentinel\.v1alpha1\./\1deviceapi.proto.nvsentinel.v1alpha1./g' \
+		$(PROTO_DIR)/nvsentinel/v1alpha1/*_pb2.py $(PROTO_DIR)/nvsentinel/v1alpha1/*_pb2.pyi $(PROTO_DIR)/nvsentinel/v1alpha1/*_grpc.py
 
 test: .venv/.installed tools
 	$(PY) -m pytest -q

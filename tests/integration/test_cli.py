@@ -214,3 +214,32 @@ def test_help_is_plain_text_and_every_argument_is_explained() -> None:
     for name, sub in subparsers.choices.items():
         for action in sub._actions:
             assert action.help, f"{name}: {action.dest} has no help"
+
+
+async def test_api_nvsentinel_list_get_watch(tmp_path: Path) -> None:
+    """``--api nvsentinel`` reads the same store through SPEC §7.1's socket."""
+    upstream = str(tmp_path / "nvidia-device-api" / "device-api.sock")
+    with trio.fail_after(30):
+        async with server(tmp_path, (GPU_B, "True"), (GPU_A, "False"),
+                          nvsentinel_api_socket=upstream) as rt:
+            cli = Cli(rt)
+            cli.socket = upstream
+            assert _rows(await cli.ok("--api", "nvsentinel", "list")) == [
+                ["NAME", "VERSION", "CONDITIONS"],
+                [GPU_A, "2", "Ready=False"],
+                [GPU_B, "1", "Ready=True"],
+            ]
+            got = json.loads(await cli.ok("--api", "nvsentinel", "get", GPU_B, "-o", "json"))
+            assert got["metadata"]["namespace"] == "default"
+            assert got["metadata"]["generation"] == "1" and got["metadata"]["uid"]
+            assert "resource_version" not in got  # no field 4 in this API
+            assert _rows(await cli.ok("--api", "nvsentinel", "--namespace", "team-a",
+                                      "list")) == [["NAME", "VERSION", "CONDITIONS"]]
+            assert "NOT_FOUND" in await cli.error("--api", "nvsentinel", "get", GPU_C)
+
+            # a watch from a version replays what came after it
+            await rt.core.store.write(store_ops.DeleteGpu(GPU_A))
+            lines = (await cli.ok("--api", "nvsentinel", "watch", "--resource-version", "1",
+                                  "--count", "2")).splitlines()
+            assert [line.split()[:3] for line in lines] == [
+                ["ADDED", GPU_A, "rv=2"], ["DELETED", GPU_A, "rv=3"]]

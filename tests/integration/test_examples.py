@@ -132,3 +132,29 @@ async def test_provider_reports_an_invalid_gpu_name(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.decode().startswith("minimal_provider: INVALID_ARGUMENT: name must")
     assert result.stderr.decode().count("\n") == 1
+
+
+async def test_upstream_api_client_example(tmp_path: Path) -> None:
+    """examples/upstream_api_client.py (grpcio, SPEC §7.1 socket): list, create, set a
+    condition with the version read, watch from the list's version; a second run finds the GPU
+    (ALREADY_EXISTS → read) and updates it; the server removes both sockets on SIGTERM."""
+    sock = tmp_path / "run" / "device.sock"
+    upstream = tmp_path / "nvidia-device-api" / "device-api.sock"
+    argv = [*server_argv(sock), "--nvsentinel-api-socket", str(upstream)]
+    with trio.fail_after(25):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(functools.partial(_checked, argv))
+            out = await run_ok(example("upstream_api_client.py", upstream, "--gpu",
+                                       PROVIDER_GPU, "--events", "2"))
+            assert out[0].startswith("listed 4 GPUs at version ")
+            assert out[1] == f"{PROVIDER_GPU}: ExampleHealthy=True (generation 1, version 6)"
+            assert [line.split()[:3] for line in out[2:]] == [
+                ["ADDED", PROVIDER_GPU, "version=5"], ["MODIFIED", PROVIDER_GPU, "version=6"]]
+            assert out[3].endswith("ExampleHealthy=True")
+
+            out = await run_ok(example("upstream_api_client.py", upstream, "--gpu",
+                                       PROVIDER_GPU, "--status", "False", "--once"))
+            assert out[1:] == [f"{PROVIDER_GPU}: ExampleHealthy=False (generation 1, version 7)"]
+            server.send_signal(signal.SIGTERM)
+    for path in (sock, upstream):
+        assert not await trio.Path(path).exists(), f"{path} left behind"

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from .._errors import Conflict, InvalidArgument, NotFound, ResourceExhausted
+from .._errors import AlreadyExists, Conflict, InvalidArgument, NotFound, ResourceExhausted
 from ..proto.device.v1alpha1.gpu_pb2 import Condition, Gpu, GpuSpec, GpuStatus, ObjectMeta
 from . import ingest
 
@@ -35,6 +36,8 @@ RECOMMENDED_ACTION_MAX = 4096
 NAMESPACE_MAX = 253
 PROVIDER_ID_MAX = 253
 CONDITION_STATUSES = frozenset({"True", "False", "Unknown"})
+#: SPEC §7.1: an empty namespace on a write means this one.
+DEFAULT_NAMESPACE = "default"
 
 #: The condition the server writes when a provider's heartbeat is overdue.
 READY = "Ready"
@@ -54,11 +57,26 @@ class Limits:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """Server-side metadata of one GPU that SPEC §1's messages do not carry, kept so that the
+    merged upstream API (SPEC §7.1) shows the same object on its own socket: a uid (random, set
+    at creation), the generation (1 at creation, +1 whenever the spec changes, through any API)
+    and the creation time. ``created`` is never mutated once stored."""
+
+    uid: str
+    generation: int
+    created: Timestamp
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Event:
-    """One change, as watchers see it. ``gpu`` carries the version the change was stamped with."""
+    """One change, as watchers see it. ``gpu`` carries the version the change was stamped with;
+    ``info`` the server-side metadata at that version (None only for events built outside a
+    transition, e.g. a watch snapshot, which SPEC §7.1's watch never sends)."""
 
     type: EventType
     gpu: Gpu
+    info: ObjectInfo | None = None
 
     @property
     def rv(self) -> int:
@@ -82,6 +100,8 @@ class State:
     ingest_seq: int = 0
     #: Idempotency keys of the last ``ingest.IDEMPOTENCY_KEYS`` applied batches, oldest first.
     ingest_keys: tuple[str, ...] = ()
+    #: GPU name → its server-side metadata (uid, generation, creation time).
+    info: Mapping[str, ObjectInfo] = dataclasses.field(default_factory=dict)
 
     def owned_by(self, provider: str) -> list[str]:
         """Names of the GPUs ``provider`` owns, sorted."""
@@ -98,15 +118,25 @@ class Result:
     deleted: bool = False
     #: An ingested batch: what it did (None for every other command, and for a duplicate).
     plan: ingest.Plan | None = None
+    #: The server-side metadata of ``gpu`` (SPEC §7.1 answers carry it).
+    info: ObjectInfo | None = None
 
 
 # ---- commands: one closed union of frozen records --------------------------------------------
+
+
+def new_uid() -> str:
+    """A fresh object uid. Drawn when the command is built, so the transition stays pure."""
+    return str(uuid.uuid4())
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CreateGpu:
     gpu: Gpu
     provider: str = ""
+    #: SPEC §7.1: an existing name is ALREADY_EXISTS instead of §1's idempotent answer.
+    exclusive: bool = False
+    uid: str = dataclasses.field(default_factory=new_uid)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -117,6 +147,7 @@ class RegisterGpu:
     spec: GpuSpec
     status: GpuStatus
     provider: str = ""
+    uid: str = dataclasses.field(default_factory=new_uid)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -126,11 +157,26 @@ class UpdateGpu:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class UpdateSpec:
+    """SPEC §7.1 UpdateGpu: replace the spec only. ``namespace`` and ``uid``, when given, must
+    be the stored ones (both are immutable)."""
+
+    name: str
+    spec: GpuSpec
+    namespace: str = ""
+    uid: str = ""
+    expected_rv: int = 0
+    provider: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class UpdateGpuStatus:
     name: str
     status: GpuStatus
     expected_rv: int = 0
     provider: str = ""
+    #: SPEC §7.1 (None elsewhere): the namespace and uid the writer names, checked as UpdateSpec.
+    identity: tuple[str, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -147,6 +193,8 @@ class DeleteGpu:
     name: str
     #: UnregisterGpu answers deleted=False instead of NOT_FOUND for a missing GPU.
     missing_ok: bool = False
+    #: SPEC §7.1: only a GPU in this namespace ("" = any; stored "" is "default").
+    namespace: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -196,6 +244,7 @@ Command = (
     CreateGpu
     | RegisterGpu
     | UpdateGpu
+    | UpdateSpec
     | UpdateGpuStatus
     | UpdateCondition
     | DeleteGpu
@@ -210,6 +259,7 @@ _OPERATIONS: dict[type, str] = {
     CreateGpu: "create",
     RegisterGpu: "register",
     UpdateGpu: "update",
+    UpdateSpec: "update",
     UpdateGpuStatus: "update_status",
     UpdateCondition: "update_condition",
     DeleteGpu: "delete",
@@ -313,13 +363,14 @@ def apply(state: State, command: Command, limits: Limits, now: Timestamp) -> tup
     Raises a DeviceApiError (nothing changes) when the command is invalid or conflicts.
     """
     match command:
-        case CreateGpu(gpu=gpu, provider=provider):
+        case CreateGpu(gpu=gpu, provider=provider, exclusive=exclusive, uid=uid):
             validate_provider(provider)
             return _create(state, _gpu_name(gpu), gpu.spec, gpu.status, gpu.metadata, provider,
-                           limits, now)
-        case RegisterGpu(name=name, spec=spec, status=status, provider=provider):
+                           limits, now, uid, exclusive=exclusive)
+        case RegisterGpu(name=name, spec=spec, status=status, provider=provider, uid=uid):
             validate_provider(provider)
-            return _create(state, name, spec, status, ObjectMeta(name=name), provider, limits, now)
+            return _create(state, name, spec, status, ObjectMeta(name=name), provider, limits, now,
+                           uid)
         case UpdateGpu(gpu=gpu, provider=provider):
             validate_provider(provider)
             name = _gpu_name(gpu)
@@ -330,13 +381,27 @@ def apply(state: State, command: Command, limits: Limits, now: Timestamp) -> tup
             status = _unecho(state, name, gpu.status)
             return _write(state, name, _spec_or_default(name, gpu.spec), status, current,
                           gpu.metadata.namespace, provider, limits, now)
-        case UpdateGpuStatus(name=name, status=status, expected_rv=expected, provider=provider):
+        case UpdateSpec(name=name, spec=spec, namespace=namespace, uid=uid, expected_rv=expected,
+                        provider=provider):
+            validate_provider(provider)
+            validate_name(name, "metadata.name")
+            _check_spec(name, spec)
+            _check_namespace(namespace)
+            current = _existing(state, name, expected)
+            _check_identity(state, current, namespace, uid)
+            status = _provider_view(state, name, current).status  # a masked Ready stays masked
+            return _write(state, name, _spec_or_default(name, spec), status, current,
+                          current.metadata.namespace, provider, limits, now)
+        case UpdateGpuStatus(name=name, status=status, expected_rv=expected, provider=provider,
+                             identity=identity):
             validate_provider(provider)
             validate_name(name)
             if expected < 0:
                 raise InvalidArgument("resource_version must not be negative")
             validate_status(status, limits)
             current = _existing(state, name, expected)
+            if identity is not None:
+                _check_identity(state, current, *identity)
             status = _unecho(state, name, status)
             return _write(state, name, current.spec, status, current,
                           current.metadata.namespace, provider, limits, now)
@@ -349,11 +414,13 @@ def apply(state: State, command: Command, limits: Limits, now: Timestamp) -> tup
             validate_status(status, limits)
             return _write(state, name, current.spec, status, current,
                           current.metadata.namespace, provider, limits, now)
-        case DeleteGpu(name=name, missing_ok=missing_ok):
+        case DeleteGpu(name=name, missing_ok=missing_ok, namespace=namespace):
             validate_name(name)
             if name not in state.gpus and missing_ok:
                 return state, Result(rv=state.rv), []
             current = _existing(state, name, 0)
+            if not in_namespace(current, namespace):
+                raise NotFound(f"gpu {name!r} not found in namespace {namespace!r}")
             return _delete(state, name, current)
         case MaskProvider(provider=provider):
             return _mask(state, provider, now)
@@ -387,6 +454,23 @@ def _spec_or_default(name: str, spec: GpuSpec) -> GpuSpec:
     return spec if spec.uuid else GpuSpec(uuid=name)
 
 
+def in_namespace(gpu: Gpu, namespace: str) -> bool:
+    """SPEC §7.1 reads: "" matches every namespace; a stored "" is "default"."""
+    return not namespace or (gpu.metadata.namespace or DEFAULT_NAMESPACE) == namespace
+
+
+def _check_identity(state: State, current: Gpu, namespace: str, uid: str) -> None:
+    """SPEC §7.1: namespace ("" = "default") and uid ("" = not given) are immutable."""
+    name = current.metadata.name
+    stored = current.metadata.namespace or DEFAULT_NAMESPACE
+    if (namespace or DEFAULT_NAMESPACE) != stored:
+        raise InvalidArgument(
+            f"gpu {name!r} is in namespace {stored!r}; metadata.namespace is immutable")
+    info = state.info.get(name)
+    if uid and info is not None and uid != info.uid:
+        raise InvalidArgument(f"gpu {name!r} has uid {info.uid!r}; metadata.uid is immutable")
+
+
 def _existing(state: State, name: str, expected_rv: int) -> Gpu:
     current = state.gpus.get(name)
     if current is None:
@@ -400,17 +484,21 @@ def _existing(state: State, name: str, expected_rv: int) -> Gpu:
 
 
 def _create(state: State, name: str, spec: GpuSpec, status: GpuStatus, meta: ObjectMeta,
-            provider: str, limits: Limits, now: Timestamp) -> tuple[State, Result, list[Event]]:
+            provider: str, limits: Limits, now: Timestamp, uid: str, *,
+            exclusive: bool = False) -> tuple[State, Result, list[Event]]:
     validate_name(name)
     _check_spec(name, spec)
     validate_status(status, limits)
     _check_namespace(meta.namespace)
     existing = state.gpus.get(name)
+    if existing is not None and exclusive:
+        raise AlreadyExists(f"gpu {name!r} already exists")
     if existing is not None:
         # Idempotent: providers re-register after restarts and rely on this.
         if provider and state.owners.get(name) != provider:
             state = dataclasses.replace(state, owners={**state.owners, name: provider})
-        return state, Result(rv=existing.resource_version, gpu=existing, created=False), []
+        return state, Result(rv=existing.resource_version, gpu=existing, created=False,
+                             info=state.info.get(name)), []
     if len(state.gpus) >= limits.max_gpus:
         raise ResourceExhausted(
             f"the cache already holds the maximum of {limits.max_gpus} GPUs", "max_gpus"
@@ -421,8 +509,11 @@ def _create(state: State, name: str, spec: GpuSpec, status: GpuStatus, meta: Obj
     _check_size(gpu, limits)
     gpus = {**state.gpus, name: gpu}
     owners: Mapping[str, str] = {**state.owners, name: provider} if provider else state.owners
-    new_state = dataclasses.replace(state, rv=rv, gpus=gpus, owners=owners)
-    return new_state, Result(rv=rv, gpu=gpu, created=True), [Event("ADDED", gpu)]
+    info = ObjectInfo(uid=uid, generation=1, created=now)
+    new_state = dataclasses.replace(state, rv=rv, gpus=gpus, owners=owners,
+                                    info={**state.info, name: info})
+    return new_state, Result(rv=rv, gpu=gpu, created=True, info=info), [
+        Event("ADDED", gpu, info)]
 
 
 def _check_namespace(namespace: str) -> None:
@@ -481,8 +572,14 @@ def _write(state: State, name: str, spec: GpuSpec, status: GpuStatus, current: G
         gpu = _build(name, spec, status, shown, namespace, rv)
     gpus = {**state.gpus, name: gpu}
     owners: Mapping[str, str] = {**state.owners, name: provider} if provider else state.owners
-    new_state = dataclasses.replace(state, rv=rv, gpus=gpus, owners=owners, masked=masked)
-    return new_state, Result(rv=rv, gpu=gpu), [Event("MODIFIED", gpu)]
+    info = state.info
+    old_info = info.get(name)
+    if old_info is not None and spec != current.spec:
+        info = {**info, name: dataclasses.replace(old_info, generation=old_info.generation + 1)}
+    new_state = dataclasses.replace(state, rv=rv, gpus=gpus, owners=owners, masked=masked,
+                                    info=info)
+    return new_state, Result(rv=rv, gpu=gpu, info=info.get(name)), [
+        Event("MODIFIED", gpu, info.get(name))]
 
 
 def _delete(state: State, name: str, current: Gpu) -> tuple[State, Result, list[Event]]:
@@ -495,9 +592,11 @@ def _delete(state: State, name: str, current: Gpu) -> tuple[State, Result, list[
     owners = {k: v for k, v in state.owners.items() if k != name}
     masked = {k: v for k, v in state.masked.items() if k != name}
     checks = {k: v for k, v in state.checks.items() if k != name}
+    info = {k: v for k, v in state.info.items() if k != name}
     new_state = dataclasses.replace(state, rv=rv, gpus=gpus, owners=owners, masked=masked,
-                                    checks=checks)
-    return new_state, Result(rv=rv, gpu=None, deleted=True), [Event("DELETED", last)]
+                                    checks=checks, info=info)
+    return new_state, Result(rv=rv, gpu=None, deleted=True), [
+        Event("DELETED", last, state.info.get(name))]
 
 
 def _mask(state: State, provider: str, now: Timestamp) -> tuple[State, Result, list[Event]]:
@@ -545,7 +644,7 @@ def _set_ready(state: State, masked: dict[str, Condition | None],
         gpu = _build(name, current.spec, current.status, conditions, current.metadata.namespace,
                      rv)
         gpus[name] = gpu
-        events.append(Event("MODIFIED", gpu))
+        events.append(Event("MODIFIED", gpu, state.info.get(name)))
     new_state = dataclasses.replace(state, rv=rv, gpus=gpus, masked=masked)
     return new_state, Result(rv=rv), events
 

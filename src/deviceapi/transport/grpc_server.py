@@ -6,6 +6,11 @@ Both listeners serve the same handler objects. Health (``grpc.health.v1``): name
 provider sidecar can wait for it without waiting for the gate it is meant to open. Reflection
 lets ``grpcurl`` work unchanged.
 
+With ``--nvsentinel-api-socket``, a third grpclib server on its own Unix socket serves the
+merged upstream API (SPEC §7.1, ``nvidia.nvsentinel.v1alpha1.GpuService``) from the same core,
+with its own health name (following readiness) and reflection; it stops, drains and removes its
+socket with the others.
+
 Graceful stop (SPEC §6) is a sequence the app drives: :meth:`GrpcServer.stop_accepting` (close
 the listening sockets; calls on open connections get UNAVAILABLE), then the app ends watch
 streams, then :meth:`GrpcServer.wait_idle` lets in-flight calls finish, then
@@ -40,6 +45,7 @@ from ._h2limits import LimitedServer
 from ._limits import limit_requests
 from ._reflection import reflection_services
 from .gpu_service import GpuService
+from .nvsentinel_service import NvsentinelGpuService
 from .platform_connector import PlatformConnectorService
 from .provider_service import ProviderService
 
@@ -147,6 +153,8 @@ class _Service:
 class Listeners:
     unix_socket: str | None
     tcp_port: int | None
+    #: SPEC §7.1's socket (None when off).
+    nvsentinel_socket: str | None = None
 
 
 class GrpcServer:
@@ -172,6 +180,11 @@ class GrpcServer:
         # Consumers wait for GpuService (readiness); providers for ProviderService, which
         # serves from the start (provider writes always pass, and they are what opens the gate).
         return self._assemble([gpu, provider], Health({gpu: [self._serving], provider: []}))
+
+    def _nvsentinel_servables(self) -> list[Any]:
+        """SPEC §7.1's socket: its GpuService, health for its name (readiness), reflection."""
+        service = NvsentinelGpuService(self.core)
+        return self._assemble([service], Health({service: [self._serving]}))
 
     def _platform_connector_servables(self) -> list[Any]:
         """SPEC §7.2's socket: the ingest service (a provider: SERVING from the start)."""
@@ -234,7 +247,11 @@ class GrpcServer:
                 assert isinstance(listening, asyncio.Server)
                 tcp_port = listening.sockets[0].getsockname()[1]
                 log.info("listening on tcp", extra={"peer": f"{host}:{tcp_port}"})
-            self.listeners = Listeners(self.config.unix_socket or None, tcp_port)
+            nvsentinel = self.config.nvsentinel_api_socket or None
+            if nvsentinel:
+                await self._listen_unix(nvsentinel, "--nvsentinel-api-socket",
+                                        self._nvsentinel_servables())
+            self.listeners = Listeners(self.config.unix_socket or None, tcp_port, nvsentinel)
             task_status.started(self.listeners)
             await trio.sleep_forever()
         finally:
@@ -242,6 +259,7 @@ class GrpcServer:
                 await self.close()
 
     async def _listen_unix(self, path: str, flag: str, servables: list[Any]) -> None:
+        """Serve ``servables`` on a Unix socket (0660; removed on close)."""
         prepare_socket_path(path, flag)
         server = self._server(servables)
         self._servers.append(server)
