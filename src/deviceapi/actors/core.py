@@ -40,6 +40,8 @@ class Observer:
     on_heartbeat_timeout: Callable[[str], None] = _noop
     on_reject: Callable[[str], None] = _noop
     on_watch_event: Callable[[str, int], None] = _noop_count
+    #: SPEC §7.2 ingest: (outcome, events) — see ``ServerMetrics.count_ingest``.
+    on_ingest: Callable[[str, int], None] = _noop_count
 
 
 @dataclasses.dataclass(slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -18,10 +19,10 @@ from .._errors import InvalidArgument, NotFound
 from ..actors import _store as store_ops
 from ..actors._store import State
 from ..actors.core import Core
-from ..actors.watcher import StreamEnd, Subscription
+from ..actors.watcher import Delivery, StreamEnd, Subscription
 from ..proto.device.v1alpha1 import gpu_grpc
 from ..proto.device.v1alpha1 import gpu_pb2 as pb
-from ._calls import provider_of, read_barrier, write
+from ._calls import read_barrier, write, writer_of
 from ._codec import PreEncoded
 from ._flow import StreamWriter
 from ._limits import recv_request
@@ -36,7 +37,12 @@ LIST_SENDERS = 4
 FINISH_GRACE = 5.0
 
 
-class GpuService(gpu_grpc.GpuServiceBase):
+class Face:
+    """What every wire API's GpuService face shares: the core, error mapping, the consumer-read
+    preamble (readiness gate, read-your-writes) and bounded sending of list answers."""
+
+    service_name = SERVICE
+
     def __init__(self, core: Core) -> None:
         self.core = core
         self._limit = core.config.max_receive_message_bytes
@@ -44,14 +50,31 @@ class GpuService(gpu_grpc.GpuServiceBase):
         self._list_senders = asyncio.Semaphore(LIST_SENDERS)
 
     def _errors(self, method: str) -> contextlib.AbstractContextManager[None]:
-        return rpc_errors(f"{SERVICE}/{method}", self.core.observer.on_reject)
+        return rpc_errors(f"{self.service_name}/{method}", self.core.observer.on_reject)
 
+    async def _read_request(self, stream: Stream[Any, Any]) -> Any:
+        """A consumer read's request, once the gate is open (SPEC §4)."""
+        request = await recv_request(stream, self._limit)
+        self.core.gate.check_read()
+        return request
+
+    async def _send_list(self, stream: Stream[Any, Any], data: bytes) -> None:
+        """Send a serialized list answer.
+
+        grpclib copies the whole answer into a frame buffer per call: with every informer
+        relisting at once that is hundreds of megabytes, so only a few go out at a time, and a
+        client that does not read its answer loses its slot after the slow-subscriber timeout.
+        """
+        async with self._list_senders, asyncio.timeout(self.core.config.slow_subscriber_timeout):
+            await stream.send_message(PreEncoded(data))
+
+
+class GpuService(Face, gpu_grpc.GpuServiceBase):
     # -- reads -------------------------------------------------------------------------------
 
     async def GetGpu(self, stream: Stream[pb.GetGpuRequest, pb.GetGpuResponse]) -> None:
         with self._errors("GetGpu"):
-            request = await recv_request(stream, self._limit)
-            self.core.gate.check_read()
+            request = await self._read_request(stream)
             store_ops.validate_name(request.name)
             await read_barrier(self.core)
             gpu = self.core.store.state.gpus.get(request.name)
@@ -61,15 +84,10 @@ class GpuService(gpu_grpc.GpuServiceBase):
 
     async def ListGpus(self, stream: Stream[pb.ListGpusRequest, pb.ListGpusResponse]) -> None:
         with self._errors("ListGpus"):
-            await recv_request(stream, self._limit)
-            self.core.gate.check_read()
+            await self._read_request(stream)
             await read_barrier(self.core)
             data = self._list_response(self.core.store.state)
-        # grpclib copies the whole answer into a frame buffer per call: with every informer
-        # relisting at once that is hundreds of megabytes, so only a few go out at a time, and a
-        # client that does not read its answer loses its slot after the slow-subscriber timeout.
-        async with self._list_senders, asyncio.timeout(self.core.config.slow_subscriber_timeout):
-            await stream.send_message(cast(pb.ListGpusResponse, PreEncoded(data)))
+        await self._send_list(stream, data)
 
     def _list_response(self, state: State) -> bytes:
         """The serialized ListGpusResponse of ``state``, built once per resource version: a
@@ -86,20 +104,11 @@ class GpuService(gpu_grpc.GpuServiceBase):
     async def WatchGpus(self, stream: Stream[pb.WatchGpusRequest, pb.WatchGpusResponse]) -> None:
         hub = self.core.hub
         with self._errors("WatchGpus"):
-            request = await recv_request(stream, self._limit)
-            self.core.gate.check_read()
+            request = await self._read_request(stream)
             from_rv = store_ops.parse_version(request.opts.resource_version,
                                               "opts.resource_version")
             subscription = hub.subscribe(from_rv)
-        try:
-            end = await _pump(stream, subscription, self.core.observer.on_watch_event,
-                              min(FINISH_GRACE, self.core.config.slow_subscriber_timeout))
-        finally:
-            hub.unsubscribe(subscription)
-        if end.kind == "closed":
-            return  # server shutdown, every committed event delivered: the stream ends OK
-        status = Status.RESOURCE_EXHAUSTED if end.kind == "evicted" else Status.UNAVAILABLE
-        raise GRPCError(status, end.message())
+        await serve_watch(self.core, stream, subscription, _as_sent)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -142,17 +151,38 @@ class GpuService(gpu_grpc.GpuServiceBase):
         await stream.send_message(Empty())
 
     def _provider(self, stream: Stream[Any, Any]) -> str:
-        provider = provider_of(stream.metadata)
-        store_ops.validate_provider(provider)
-        self.core.sessions.touch(provider)
-        return provider
+        return writer_of(self.core, stream)
+
+
+def _as_sent(delivery: Delivery) -> bytes:
+    """SPEC §1 streams send the hub's shared encoding as is."""
+    return delivery.data
+
+
+async def serve_watch(core: Core, stream: Stream[Any, Any], subscription: Subscription,
+                      encode: Callable[[Delivery], bytes | None]) -> None:
+    """Pump ``subscription`` into ``stream`` until it ends, then end the stream as SPEC §3 says:
+    OK on server shutdown once every committed event is sent, RESOURCE_EXHAUSTED on eviction,
+    UNAVAILABLE otherwise (both naming the version to resume from; at shutdown, a stream not
+    drained in time). Every wire API's watch ends this way; ``encode`` is its face
+    (None: this stream does not show that event, e.g. another namespace)."""
+    try:
+        end = await _pump(stream, subscription, core.observer.on_watch_event,
+                          min(FINISH_GRACE, core.config.slow_subscriber_timeout), encode)
+    finally:
+        core.hub.unsubscribe(subscription)
+    if end.kind == "closed":
+        return  # server shutdown, every committed event delivered: the stream ends OK
+    status = Status.RESOURCE_EXHAUSTED if end.kind == "evicted" else Status.UNAVAILABLE
+    raise GRPCError(status, end.message())
 
 
 async def _pump(
-    stream: Stream[pb.WatchGpusRequest, pb.WatchGpusResponse],
+    stream: Stream[Any, Any],
     subscription: Subscription,
     on_events: Callable[[str, int], None],
     finish_grace: float,
+    encode: Callable[[Delivery], bytes | None],
 ) -> StreamEnd:
     """Send the subscription's events until it ends; return how it ended.
 
@@ -160,7 +190,9 @@ async def _pump(
     (HTTP/2 flow control) and still end the stream with a status. Nothing is written until a
     whole group of messages can go at once (see _flow.py); when a large message is already on
     its way, the eviction lets it finish for up to ``finish_grace`` seconds. A send failure
-    (client gone) propagates; cancellation (client cancel) cancels the sender.
+    (client gone) propagates; cancellation (client cancel) cancels the sender. An event
+    ``encode`` leaves out counts as delivered in its turn, so the version to resume from stays
+    exact.
     """
     loop = asyncio.get_running_loop()
     ended: asyncio.Future[StreamEnd] = loop.create_future()
@@ -182,14 +214,24 @@ async def _pump(
                 wakeup = loop.create_future()
                 await wakeup
                 continue
+            payloads = [encode(d) for d in batch]
             sent = 0
+            shown: collections.Counter[str] = collections.Counter()
             while sent < len(batch) and subscription.end is None:
-                count = await writer.write_some([d.data for d in batch[sent:]])
                 now = trio.current_time()  # the janitor's stall clock
+                while sent < len(batch) and payloads[sent] is None:
+                    subscription.delivered(batch[sent], now)
+                    sent += 1
+                run = list(itertools.takewhile(lambda p: p is not None, payloads[sent:]))
+                if not run:
+                    continue
+                count = await writer.write_some(cast(list[bytes], run))
+                now = trio.current_time()
                 for delivery in batch[sent:sent + count]:
                     subscription.delivered(delivery, now)
+                    shown[delivery.event.type] += 1
                 sent += count
-            for event_type, n in collections.Counter(d.event.type for d in batch[:sent]).items():
+            for event_type, n in shown.items():
                 on_events(event_type, n)
             await asyncio.sleep(0)  # one stream's backlog must not hold up the others
 
