@@ -169,6 +169,34 @@ async def test_a_server_on_its_way_out_leaves_its_successors_socket(tmp_path: Pa
     assert seen == {"ours": seen["ours"], "after": seen["ours"], "serves": True, "gone": True}
 
 
+@pytest.mark.parametrize(("flag", "field"), [
+    ("--nvsentinel-api-socket", "nvsentinel_api_socket"),
+    ("--platform-connector-socket", "platform_connector_socket"),
+])
+async def test_the_other_sockets_follow_the_same_rules(tmp_path: Path, flag: str,
+                                                       field: str) -> None:
+    """SPEC §7's sockets are claimed the same way: a live one is refused (naming its flag),
+    a stale one replaced, and each removed on exit."""
+    other = tmp_path / "other" / "api.sock"
+    other.parent.mkdir()
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(other))
+    listener.listen()
+    config = make_test_config(tmp_path, min_gpus=0, **{field: str(other)})
+    try:
+        with pytest.raises(BaseException) as info:
+            async with open_test_runtime(config):
+                pytest.fail("the server started on a live socket")
+        error = find(info.value, SocketPathError)
+        assert error is not None and str(error).startswith(f"{flag} {other} is in use")
+        assert not await trio.Path(config.unix_socket).exists()  # its own socket released
+    finally:
+        listener.close()  # now stale
+    async with open_test_runtime(config):
+        assert mode(other) == 0o660
+    assert not await trio.Path(other).exists()
+
+
 def test_claim_and_release_remove_only_our_own_socket(tmp_path: Path) -> None:
     """The helper every listener uses (the gRPC socket here; the other APIs' sockets too)."""
     path = str(tmp_path / "sub" / "api.sock")
