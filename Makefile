@@ -14,7 +14,7 @@ PYTHONS := 3.11 3.12 3.13
 # that starts a real server process or talks to one over a real socket (tests/integration), the
 # socket and HTTP listener tests, the bridge tests, and the churn test at 1,000 cycles.
 PLATFORM_TESTS := tests/integration tests/hostile/test_hostile_socket.py \
-	tests/unit/ops/test_ops_http.py tests/unit/test_bridge.py \
+	tests/unit/transport/test_ops_http.py tests/unit/test_bridge.py \
 	"tests/hostile/test_hostile_churn.py::test_connect_watch_disconnect_churn_leaves_nothing_behind[1000]"
 # The real-GPU suite looks for the driver here (the server's --nvml-driver-root).
 NVML_DRIVER_ROOT ?= /run/nvidia/driver

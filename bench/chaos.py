@@ -68,19 +68,19 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.health.v1.health_grpc import HealthStub
 
+from deviceapi import _bridge
 from deviceapi._app import Runtime
 from deviceapi._config import Config
-from deviceapi.actors import _store as ops
+from deviceapi.cache import _store as ops
 from deviceapi.client import DeviceApiClient, is_retryable
 from deviceapi.client.informer import Informer
-from deviceapi.nvml_actor import CONDITION_TYPE as NVML_CONDITION
-from deviceapi.nvml_actor import FakeGpu, FakeNvml
 from deviceapi.proto.device.v1alpha1 import gpu_grpc, provider_grpc
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
+from deviceapi.providers.nvml import CONDITION_TYPE as NVML_CONDITION
+from deviceapi.providers.nvml import FakeGpu, FakeNvml
 from deviceapi.testing import FaultInjector
 from deviceapi.testing.objects import gpu_name
 from deviceapi.testing.runtime import make_test_config, open_test_runtime, run_aio, wait_until
-from deviceapi.transport import _bridge
 
 LOAD = "ChaosLoad"
 INIT = "ChaosInit"

@@ -192,7 +192,7 @@ async def _with_trio_guest(stop: asyncio.Event) -> None:
 def _serve_trio_asyncio(path: str, listing: bytes) -> None:
     import trio
 
-    from deviceapi.transport import _bridge
+    from deviceapi import _bridge
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -51,7 +51,7 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality
 
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
-from deviceapi.sim import simulated_gpu_names
+from deviceapi.providers.sim import simulated_gpu_names
 
 from ._common import (
     Sampler,

@@ -60,7 +60,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _run_as_guest(fn: Callable[[], Awaitable[object]], *,
                   clock: trio.abc.Clock | None = None,
                   instruments: Sequence[trio.abc.Instrument] = ()) -> object:
-    from deviceapi.transport import _bridge
+    from deviceapi import _bridge
 
     return _bridge.run(fn, mode="guest", clock=clock, instruments=instruments)
 

@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
+from . import _bridge
 from ._config import Config, ConfigError, parse_config
 from ._logging import configure_logging
-from .supervisors import describe, unwrap
-from .transport import _bridge
+from .otp import describe, unwrap
 
 log = logging.getLogger("deviceapi.main")
 

@@ -21,21 +21,20 @@ from typing import Protocol, runtime_checkable
 import trio
 from prometheus_client import CollectorRegistry
 
-from . import __version__
+from . import __version__, _bridge
 from ._config import Config, bind_host
-from .actors import FaultHook, health
-from .actors.cache_owner import CacheOwner
-from .actors.core import Core, Observer
-from .actors.provider_session import run_heartbeat_monitor
-from .actors.readiness import run_readiness_timer
-from .actors.watcher import run_watch_janitor
+from .cache import health
+from .cache.cache_owner import CacheOwner
+from .cache.core import Core, Observer
+from .cache.provider_session import run_heartbeat_monitor
+from .cache.readiness import run_readiness_timer
+from .cache.watcher import run_watch_janitor
 from .client.trio_client import TrioProviderClient
-from .nvml_actor import NvmlBackend, NvmlPoller, PollerOptions, ProviderApi, PynvmlBackend
-from .nvml_actor.poller import HealthLedger
-from .nvml_actor.service import run_nvml_provider
-from .sim import SimulatedProvider
-from .supervisors import ChildSpec, StartFn, Supervisor
-from .transport import _bridge
+from .otp import ChildSpec, FaultHook, StartFn, Supervisor
+from .providers.nvml import NvmlBackend, NvmlPoller, PollerOptions, ProviderApi, PynvmlBackend
+from .providers.nvml.poller import HealthLedger
+from .providers.nvml.service import run_nvml_provider
+from .providers.sim import SimulatedProvider
 from .transport.grpc_server import GrpcServer, Listeners, MappingWrapper
 from .transport.http import health_app, metrics_app, serve_http
 from .transport.metrics import ServerMetrics

@@ -9,7 +9,7 @@ import trio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from deviceapi.actors import _store as ops
+from deviceapi.cache import _store as ops
 from deviceapi.client import DeviceApiClient
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
 from deviceapi.testing import FaultInjector

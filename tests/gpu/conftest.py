@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from _gpu import DRIVER_ROOT
 
-from deviceapi.nvml_actor import NvmlUnavailable, PynvmlBackend
+from deviceapi.providers.nvml import NvmlUnavailable, PynvmlBackend
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,15 +15,15 @@ import pytest
 import trio
 from _gpu import DRIVER_ROOT
 
-from deviceapi.nvml_actor import (
+from deviceapi.providers.nvml import (
     NvmlPoller,
     NvmlTimeout,
     NvmlUnavailable,
     PollerOptions,
     PynvmlBackend,
 )
-from deviceapi.nvml_actor._backend import EVENT_TYPE_XID_CRITICAL
-from deviceapi.nvml_actor.testing import RecordingProviderApi, open_running
+from deviceapi.providers.nvml._backend import EVENT_TYPE_XID_CRITICAL
+from deviceapi.providers.nvml.testing import RecordingProviderApi, open_running
 
 pytestmark = pytest.mark.gpu
 

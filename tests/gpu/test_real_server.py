@@ -21,8 +21,8 @@ import pytest
 import trio
 from _gpu import DRIVER_ROOT
 
-from deviceapi.nvml_actor import NvmlUnavailable, PynvmlBackend
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
+from deviceapi.providers.nvml import NvmlUnavailable, PynvmlBackend
 
 pytestmark = pytest.mark.gpu
 

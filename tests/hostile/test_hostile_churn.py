@@ -24,7 +24,7 @@ from _hostile import GPU_SERVICE, RawH2, grpc_frame, open_fds, rss_kib
 from grpclib.client import Channel
 
 from deviceapi._app import Runtime
-from deviceapi.actors import _store as ops
+from deviceapi.cache import _store as ops
 from deviceapi.proto.device.v1alpha1 import gpu_grpc
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
 from deviceapi.testing.objects import GPU_A, make_gpu

@@ -24,7 +24,7 @@ from grpclib.exceptions import GRPCError
 from h2.errors import ErrorCodes
 
 from deviceapi._app import Runtime
-from deviceapi.actors import _store as ops
+from deviceapi.cache import _store as ops
 from deviceapi.client import DeviceApiClient
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
 from deviceapi.testing.objects import GPU_A, gpu_name, make_gpu

@@ -18,7 +18,8 @@ import trio.testing
 from deviceapi._app import Runtime
 from deviceapi.client import DeviceApiClient
 from deviceapi.client.trio_client import TrioProviderClient
-from deviceapi.nvml_actor import (
+from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
+from deviceapi.providers.nvml import (
     CONDITION_TYPE,
     FakeGpu,
     FakeNvml,
@@ -26,9 +27,8 @@ from deviceapi.nvml_actor import (
     PollerOptions,
     run_inline,
 )
-from deviceapi.nvml_actor._fake import GiB, gpu_uuid
-from deviceapi.nvml_actor.poller import HealthLedger
-from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
+from deviceapi.providers.nvml._fake import GiB, gpu_uuid
+from deviceapi.providers.nvml.poller import HealthLedger
 from deviceapi.testing.runtime import make_test_config, open_client, open_test_runtime, run_aio
 
 PROVIDER = "nvml-it"

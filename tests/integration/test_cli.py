@@ -20,7 +20,7 @@ import trio
 from _sockets import open_sockets, wait_sockets_closed
 
 from deviceapi._app import Runtime
-from deviceapi.actors import _store as store_ops
+from deviceapi.cache import _store as store_ops
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
 from deviceapi.testing.runtime import make_test_config, open_test_runtime
 

@@ -108,11 +108,11 @@ async def test_reads_wait_for_queued_writes_only(tmp_path: object) -> None:
     waits for a write that was queued after it."""
     async with open_test_runtime(make_test_config(tmp_path)) as rt:
         store = rt.core.store
-        await store.write(__import__("deviceapi.actors._store", fromlist=["x"]).CreateGpu(
+        await store.write(__import__("deviceapi.cache._store", fromlist=["x"]).CreateGpu(
             gpu(GPU_A, ("Ready", "True"))))
         async with open_client(rt) as client:
             # Hold the CacheOwner: fill its turn with a write we control by pausing it.
-            from deviceapi.actors._store import UpdateGpuStatus
+            from deviceapi.cache._store import UpdateGpuStatus
 
             status = pb.GpuStatus(conditions=[pb.Condition(type="Ready", status="False")])
             results: list[pb.Gpu] = []

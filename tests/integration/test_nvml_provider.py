@@ -48,16 +48,22 @@ from _nvml_helpers import (
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from prometheus_client.parser import text_string_to_metric_families
 
+from deviceapi import _bridge
 from deviceapi._app import Runtime
 from deviceapi._config import Config
 from deviceapi.client import DeviceApiClient
 from deviceapi.client.trio_client import TrioProviderClient
-from deviceapi.nvml_actor import CONDITION_TYPE, FakeNvml, NvmlPoller, PollerOptions, ProviderApi
-from deviceapi.nvml_actor.service import run_nvml_provider
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
+from deviceapi.providers.nvml import (
+    CONDITION_TYPE,
+    FakeNvml,
+    NvmlPoller,
+    PollerOptions,
+    ProviderApi,
+)
+from deviceapi.providers.nvml.service import run_nvml_provider
 from deviceapi.testing import FaultInjector
 from deviceapi.testing.runtime import make_test_config, open_client, open_test_runtime, run_aio
-from deviceapi.transport import _bridge
 
 ALL = (G0, G1, G2)
 XID_79 = "XID 79"

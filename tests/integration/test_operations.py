@@ -12,7 +12,7 @@ from _gpus import GPU_A, GPU_B, GPU_C, gpu
 from grpclib.exceptions import GRPCError
 from prometheus_client.parser import text_string_to_metric_families
 
-from deviceapi.actors import _store as ops
+from deviceapi.cache import _store as ops
 from deviceapi.client import DeviceApiClient
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
 from deviceapi.testing.runtime import (

@@ -23,7 +23,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from test_shutdown import free_port, wait_http
 
-from deviceapi.actors.cache_owner import wall_clock_version_base
+from deviceapi.cache.cache_owner import wall_clock_version_base
 from deviceapi.client import DeviceApiClient
 from deviceapi.client.informer import Informer
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb

@@ -14,7 +14,7 @@ from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from deviceapi.actors import _store as ops
+from deviceapi.cache import _store as ops
 from deviceapi.client import DeviceApiClient
 from deviceapi.proto.device.v1alpha1 import gpu_grpc
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb

@@ -1,4 +1,4 @@
-"""The bridge's crossings in both arrangements (``transport/_bridge.py``).
+"""The bridge's crossings in both arrangements (``_bridge.py``).
 
 Plain (sync) tests that start their own run with ``_bridge.run``, so each arrangement is
 exercised whatever ``--bridge`` the suite runs with. The guest-mode wake-up is the subtle part:
@@ -17,8 +17,8 @@ import pytest
 import trio
 import trio.testing
 
-from deviceapi.actors import Reply
-from deviceapi.transport import _bridge
+from deviceapi import _bridge
+from deviceapi.otp import Reply
 
 MODES = _bridge.MODES
 

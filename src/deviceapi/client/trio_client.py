@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+from .. import _bridge
 from ..proto.device.v1alpha1 import gpu_pb2 as pb
-from ..transport import _bridge
 from ._client import PROVIDER_SERVICE, DeviceApiClient
 
 

@@ -1,7 +1,7 @@
 """Fault injection for actors and supervised children, with no monkeypatching.
 
 A :class:`FaultInjector` is an object you hand to what you want to break: an
-:class:`~deviceapi.actors.Actor` takes it as its ``faults`` hook; any other supervised child is
+:class:`~deviceapi.otp.Actor` takes it as its ``faults`` hook; any other supervised child is
 wrapped with :meth:`FaultInjector.wrap`. Tests and the chaos benchmark then arm faults by actor
 name:
 
@@ -29,8 +29,7 @@ from typing import Literal
 
 import trio
 
-from ..actors import ActorExit
-from ..supervisors import StartFn
+from ..otp import ActorExit, StartFn
 
 FaultKind = Literal["crash", "hang", "exit"]
 Trigger = Literal["now", "message", "start", "stop"]
@@ -82,7 +81,7 @@ class _Slot:
 class FaultInjector:
     """Arms faults by actor name and delivers them at the hook points (see module docstring).
 
-    Implements the ``FaultHook`` protocol of ``deviceapi.actors``. Arming needs a running trio
+    Implements the ``FaultHook`` protocol of ``deviceapi.otp``. Arming needs a running trio
     (it reads trio's clock for the record).
     """
 

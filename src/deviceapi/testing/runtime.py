@@ -17,13 +17,13 @@ from typing import Any, TypeVar
 
 import trio
 
+from .. import _bridge
 from .._app import Runtime, open_runtime
 from .._config import Config
-from ..actors import FaultHook
-from ..actors.core import Observer
+from ..cache.core import Observer
 from ..client import DeviceApiClient
-from ..nvml_actor import NvmlBackend
-from ..transport import _bridge
+from ..otp import FaultHook
+from ..providers.nvml import NvmlBackend
 
 T = TypeVar("T")
 
@@ -54,7 +54,7 @@ async def open_test_runtime(
     """Start a server for a test; it is torn down (forcibly) when the block ends.
 
     ``nvml_backend``: with ``enable_nvml_provider=True``, the NVML the embedded provider uses
-    (e.g. ``lambda: fake`` for a :class:`deviceapi.nvml_actor.FakeNvml`). ``version_base``:
+    (e.g. ``lambda: fake`` for a :class:`deviceapi.providers.nvml.FakeNvml`). ``version_base``:
     where resource versions start (default: from the wall clock, as the server does; 0 lets
     a test that is not about restarts write its expected versions as 1, 2, 3...)."""
     async with open_runtime(config or make_test_config(), faults=faults, observer=observer,

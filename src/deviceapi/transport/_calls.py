@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..actors import Reply
-from ..actors import _store as store_ops
-from ..actors._store import Command, Result
-from ..actors.core import Core
-from . import _bridge
+from .. import _bridge
+from ..cache import _store as store_ops
+from ..cache._store import Command, Result
+from ..cache.core import Core
+from ..otp import Reply
 
 
 async def write(core: Core, command: Command) -> Result:

@@ -24,7 +24,7 @@ from .._errors import (
     ResourceExhausted,
     Unavailable,
 )
-from ..actors import ActorCrashed
+from ..otp import ActorCrashed
 
 log = logging.getLogger("deviceapi.grpc")
 

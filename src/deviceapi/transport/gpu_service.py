@@ -16,10 +16,10 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from .._errors import InvalidArgument, NotFound
-from ..actors import _store as store_ops
-from ..actors._store import State
-from ..actors.core import Core
-from ..actors.watcher import Delivery, StreamEnd, Subscription
+from ..cache import _store as store_ops
+from ..cache._store import State
+from ..cache.core import Core
+from ..cache.watcher import Delivery, StreamEnd, Subscription
 from ..proto.device.v1alpha1 import gpu_grpc
 from ..proto.device.v1alpha1 import gpu_pb2 as pb
 from ._calls import read_barrier, write, writer_of

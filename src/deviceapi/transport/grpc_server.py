@@ -34,10 +34,10 @@ from grpclib.exceptions import GRPCError
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 
+from .. import _bridge
 from .._config import Config
-from ..actors.core import Core
-from ..actors.readiness import Readiness
-from . import _bridge
+from ..cache.core import Core
+from ..cache.readiness import Readiness
 from ._codec import Codec
 from ._h2limits import LimitedServer
 from ._limits import limit_requests

@@ -4,7 +4,7 @@ It owns no state. Every call is one call into the same core as SPEC §1's GpuSer
 objects, resource versions, readiness gate, limits, watch hub), with messages translated at the
 edge. The two packages' ``GpuSpec``, ``GpuStatus`` and ``Condition`` are the same on the wire, so
 they cross as bytes; the ``ObjectMeta`` fields §1 lacks (uid, generation, creation timestamp)
-come from the store's :class:`~deviceapi.actors._store.ObjectInfo`.
+come from the store's :class:`~deviceapi.cache._store.ObjectInfo`.
 
 Where that server's semantics differ from §1's, this face keeps them: CreateGpu of an existing
 name is ALREADY_EXISTS; UpdateGpu changes the spec only; the expected version is
@@ -22,10 +22,10 @@ from google.protobuf.empty_pb2 import Empty
 from grpclib.server import Stream
 
 from .._errors import InvalidArgument, NotFound
-from ..actors import _store as store_ops
-from ..actors._store import DEFAULT_NAMESPACE, Event, ObjectInfo, Result, State, in_namespace
-from ..actors.core import Core
-from ..actors.watcher import Delivery
+from ..cache import _store as store_ops
+from ..cache._store import DEFAULT_NAMESPACE, Event, ObjectInfo, Result, State, in_namespace
+from ..cache.core import Core
+from ..cache.watcher import Delivery
 from ..proto.device.v1alpha1 import gpu_pb2 as v1
 from ..proto.nvsentinel.v1alpha1 import gpu_grpc
 from ..proto.nvsentinel.v1alpha1 import gpu_pb2 as pb

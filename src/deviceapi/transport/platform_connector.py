@@ -2,7 +2,7 @@
 
 NVIDIA's health monitors (gpu-health-monitor, syslog-health-monitor, CSP and NCCL checks) push
 ``HealthEvents`` batches to a Unix socket. This face decodes and validates a batch, hands it to
-the CacheOwner as one command (``IngestHealthEvents``: planned by the pure ``actors.ingest.plan``
+the CacheOwner as one command (``IngestHealthEvents``: planned by the pure ``cache.ingest.plan``
 and committed whole), and answers OK only after that commit, so an acknowledged event is never
 lost. The ``idempotency-key`` request header makes a retried batch apply once (the store
 remembers the last ``ingest.IDEMPOTENCY_KEYS`` keys, in the same commit as the batch).
@@ -24,9 +24,9 @@ from google.protobuf.empty_pb2 import Empty
 from grpclib.server import Stream
 
 from .._errors import InvalidArgument
-from ..actors import _store as store_ops
-from ..actors import ingest
-from ..actors.core import Core
+from ..cache import _store as store_ops
+from ..cache import ingest
+from ..cache.core import Core
 from ..proto.datamodels import health_event_grpc
 from ..proto.datamodels import health_event_pb2 as pb
 from ..proto.device.v1alpha1.gpu_pb2 import Condition

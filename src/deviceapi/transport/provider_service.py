@@ -8,8 +8,8 @@ import trio
 from grpclib.server import Stream
 
 from .._errors import InvalidArgument
-from ..actors import _store as store_ops
-from ..actors.core import Core
+from ..cache import _store as store_ops
+from ..cache.core import Core
 from ..proto.device.v1alpha1 import provider_grpc
 from ..proto.device.v1alpha1 import provider_pb2 as pb
 from ._calls import write

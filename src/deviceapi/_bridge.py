@@ -1,0 +1,232 @@
+"""The one seam between trio and asyncio (the only module that imports trio_asyncio).
+
+grpclib is an asyncio library; our actors are trio. Everything runs in one thread, in one of
+two arrangements, chosen once per process by :func:`run` (``--bridge``):
+
+- ``guest`` (the server's default): a native asyncio loop is the host and trio runs as its
+  guest (``trio.lowlevel.start_guest_run``). grpclib's I/O runs on the plain asyncio loop,
+  without trio-asyncio's per-callback costs (docs/BENCHMARKS.md: about a fifth less server
+  CPU per unary call); trio's own I/O wait runs in a worker thread.
+- ``trio-asyncio``: trio is the main loop and ``trio_asyncio.open_loop()`` runs an asyncio loop
+  on top of it. pytest-trio runs tests this way by default, with virtual time driving every
+  timer of both loops; ``pytest --bridge guest`` runs the same tests as guests.
+
+Crossings (the same API in both):
+
+- asyncio → trio, the *direct crossing* (ARCHITECTURE §4): a handler hands an actor a message
+  carrying a :class:`FutureReply` with ``send_nowait`` (legal: same thread) and awaits the
+  asyncio future, which the actor resolves synchronously. In guest mode trio waits for I/O in
+  a worker thread; a task made runnable from asyncio code still runs at once, because trio's
+  ``reschedule`` forces a guest tick when its run queue was empty (tests/unit/test_bridge.py
+  holds us to that).
+- trio → asyncio: :func:`aio_as_trio` for the few calls into grpclib from trio (starting and
+  closing servers, client calls of the in-process providers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Generic, Literal, TypeVar
+
+import outcome
+import trio
+
+from .otp import Reply
+
+T = TypeVar("T")
+Mode = Literal["trio-asyncio", "guest"]
+MODES: tuple[Mode, ...] = ("trio-asyncio", "guest")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Guest:
+    loop: asyncio.AbstractEventLoop
+    token: trio.lowlevel.TrioToken
+    #: The main task's context, for trio tasks started on asyncio's behalf (trio_as_aio).
+    context: contextvars.Context
+
+
+#: Set while a guest-mode run is active (one per process: the server's or the sidecar's).
+_guest: _Guest | None = None
+
+
+def mode() -> Mode:
+    """The arrangement of the current run."""
+    return "guest" if _guest is not None else "trio-asyncio"
+
+
+def run(
+    async_fn: Callable[..., Awaitable[T]],
+    *args: Any,
+    mode: Mode = "trio-asyncio",
+    clock: trio.abc.Clock | None = None,
+    instruments: Sequence[trio.abc.Instrument] = (),
+) -> T:
+    """Run ``async_fn(*args)`` (a trio function) as the process's main loop, bridged as asked.
+
+    ``clock`` and ``instruments`` go to trio (the test suite's guest-mode runner passes
+    pytest-trio's). ``KeyboardInterrupt`` propagates as from ``trio.run``.
+    """
+    if mode == "trio-asyncio":
+        return trio.run(async_fn, *args, clock=clock, instruments=instruments)
+    # A plain selector loop: once imported, trio_asyncio's policy makes loops that run on trio.
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        return runner.run(_host(async_fn, args, clock, instruments))
+
+
+async def _host(async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
+                clock: trio.abc.Clock | None, instruments: Sequence[trio.abc.Instrument]) -> T:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[outcome.Outcome[T]] = loop.create_future()
+    interrupt = trio.CancelScope()
+
+    async def guest_main() -> T:
+        global _guest
+        patched = sys.modules.get("trio_asyncio")
+        if patched is not None:
+            # trio_asyncio, once imported (by a test process that also used the default),
+            # answers "which asyncio loop is running" in trio tasks from its context variable.
+            patched.current_loop.set(loop)
+        _guest = _Guest(loop, trio.lowlevel.current_trio_token(), contextvars.copy_context())
+        try:
+            with interrupt:
+                return await async_fn(*args)
+            raise KeyboardInterrupt  # cancelled by Ctrl-C (below), as trio.run would raise
+        finally:
+            _guest = None
+
+    trio.lowlevel.start_guest_run(
+        guest_main,
+        run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+        run_sync_soon_not_threadsafe=loop.call_soon,
+        done_callback=done.set_result,
+        host_uses_signal_set_wakeup_fd=True,
+        clock=clock,
+        instruments=instruments,
+    )
+    try:
+        result = await asyncio.shield(done)
+    except asyncio.CancelledError:
+        # Ctrl-C while nothing in trio handles SIGINT (asyncio.Runner then cancels this task):
+        # stop the trio side and let it clean up, rather than abandon it half-run. A second
+        # Ctrl-C makes the Runner raise KeyboardInterrupt at once.
+        guest = _guest
+        if guest is not None:
+            guest.token.run_sync_soon(interrupt.cancel)
+        else:
+            interrupt.cancel()  # not entered yet: it starts cancelled
+        result = await done
+    return result.unwrap()
+
+
+def _trio_asyncio() -> Any:
+    """trio_asyncio, imported on first use: importing it patches asyncio's loop lookup, which a
+    guest-mode process must not have.
+
+    grpclib looks up the running task through ``grpclib.utils._current_task``, bound to
+    ``asyncio.current_task`` when grpclib is imported — before this import. On 3.11 the
+    original finds trio-asyncio's loop anyway (it is pure Python and calls the patched loop
+    lookup); from 3.12 it is C code that does not, and every grpclib deadline or cancellation
+    helper then fails with "no running event loop". So hand grpclib the patched lookup too.
+    """
+    import grpclib.utils
+    import trio_asyncio
+
+    grpclib.utils._current_task = asyncio.current_task
+    return trio_asyncio
+
+
+class FutureReply(Generic[T]):
+    """A reply slot backed by an asyncio future; resolving a cancelled one is a no-op."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: asyncio.Future[T]) -> None:
+        self._future = future
+
+    def resolve(self, result: outcome.Outcome[T]) -> None:
+        if not self._future.done():
+            _settle(self._future, result)
+
+
+async def call(send: Callable[[Reply[T]], None]) -> T:
+    """From asyncio: hand a reply slot to ``send`` (which queues a message) and await it."""
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    send(FutureReply(future))
+    return await future
+
+
+def open_loop() -> AbstractAsyncContextManager[Any]:
+    """The process's one asyncio loop: opened on top of trio, or (guest mode) the host's."""
+    if _guest is not None:
+        return _host_loop()
+    return _trio_asyncio().open_loop()  # type: ignore[no-any-return]
+
+
+@contextlib.asynccontextmanager
+async def _host_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
+    assert _guest is not None
+    yield _guest.loop
+
+
+def trio_as_aio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Wrap a trio async function so asyncio code can await it (≈93 µs a crossing under
+    trio-asyncio: keep it off hot paths)."""
+    if _guest is None:
+        return _trio_asyncio().trio_as_aio(fn)  # type: ignore[no-any-return]
+    guest = _guest
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any) -> T:
+        future: asyncio.Future[T] = guest.loop.create_future()
+
+        async def in_trio() -> None:
+            result = await outcome.acapture(fn, *args)
+            if not future.done():
+                _settle(future, result)
+
+        guest.token.run_sync_soon(functools.partial(
+            trio.lowlevel.spawn_system_task, in_trio, context=guest.context.copy()))
+        return await future
+
+    return wrapper
+
+
+def _settle(future: asyncio.Future[T], result: outcome.Outcome[T]) -> None:
+    if isinstance(result, outcome.Value):
+        future.set_result(result.value)
+    else:
+        assert isinstance(result, outcome.Error)
+        future.set_exception(result.error)
+
+
+def aio_as_trio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Wrap an asyncio coroutine function so trio code can await it."""
+    if _guest is None:
+        return _trio_asyncio().aio_as_trio(fn)  # type: ignore[no-any-return]
+    guest = _guest
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        task = asyncio.ensure_future(fn(*args, **kwargs), loop=guest.loop)
+        finished = trio.Event()
+        # Setting a trio Event from an asyncio callback is fine in guest mode: same thread,
+        # between trio ticks, and trio schedules a tick for the woken task.
+        task.add_done_callback(lambda _: finished.set())
+        try:
+            await finished.wait()
+        except BaseException:
+            task.cancel()
+            with trio.CancelScope(shield=True):
+                await finished.wait()
+            raise
+        return task.result()
+
+    return wrapper

@@ -1,0 +1,1 @@
+"""Built-in providers: clients of the public API, like any other provider (NVML, simulator)."""

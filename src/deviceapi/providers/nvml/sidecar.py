@@ -1,0 +1,102 @@
+"""``device-api-nvml-provider``: the NVML provider as its own process (a sidecar container).
+
+It reaches the server over the Unix socket (or TCP), waits until the server's ProviderService
+reports SERVING, registers the node's GPUs, heartbeats, and watches XID events. When the server
+restarts, the provider notices (its calls fail), reconnects and re-registers idempotently; it
+never deletes GPUs. Without an NVML driver it logs one clear line and keeps retrying.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from ... import _bridge
+from ..._config import DEFAULT_CRITICAL_XIDS, DEFAULT_IGNORED_XIDS, parse_bool, parse_xids
+from ..._logging import configure_logging
+from ...client import DEFAULT_SOCKET
+from ...client.trio_client import TrioProviderClient
+from ._api import ProviderApi
+from ._pynvml import PynvmlBackend
+from .poller import PollerOptions
+from .service import run_nvml_provider
+
+log = logging.getLogger("deviceapi.nvml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="device-api-nvml-provider",
+        description="NVML GPU provider for device-api-server (runs beside it as a sidecar).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--unix-socket", default=DEFAULT_SOCKET, help="the server's Unix socket")
+    p.add_argument("--address", default="", help="HOST:PORT of the server instead of the socket")
+    node = os.environ.get("NODE_NAME") or socket.gethostname()
+    p.add_argument("--provider-id", default=f"nvml-{node}",
+                   help="provider id the GPUs are registered under")
+    p.add_argument("--nvml-driver-root", default="/run/nvidia/driver",
+                   help="where the driver is mounted (libnvidia-ml.so.1 is looked up here first)")
+    p.add_argument("--nvml-health-check", type=parse_bool, nargs="?", const=True, default=True,
+                   help="watch XID events and mark GPUs unhealthy")
+    p.add_argument("--nvml-ignored-xids", type=parse_xids, default=parse_xids(""),
+                   help="XIDs to ignore on top of "
+                        f"{','.join(map(str, sorted(DEFAULT_IGNORED_XIDS)))} (or 'all')")
+    p.add_argument("--nvml-critical-xids", type=parse_xids, default=parse_xids(""),
+                   help="critical XIDs on top of "
+                        f"{','.join(map(str, sorted(DEFAULT_CRITICAL_XIDS)))} (or 'all')")
+    p.add_argument("--nvml-recovery-quiet-period", type=float, default=60.0,
+                   help="seconds without critical events before a healthy GPU is Ready again")
+    p.add_argument("--heartbeat-interval", type=float, default=10.0,
+                   help="seconds between heartbeats (keep below the server's heartbeat timeout)")
+    p.add_argument("--log-format", choices=("json", "text"), default="json")
+    p.add_argument("--bridge", choices=_bridge.MODES, default="guest",
+                   help="how trio and asyncio share the thread (as the server's --bridge)")
+    p.add_argument("-v", "--verbosity", type=int, default=0)
+    return p
+
+
+async def run(args: argparse.Namespace) -> None:
+    options = dataclasses.replace(
+        PollerOptions(),
+        provider_id=args.provider_id,
+        health_check=args.nvml_health_check,
+        ignored_xids=args.nvml_ignored_xids,
+        critical_xids=args.nvml_critical_xids,
+        recovery_quiet_period=args.nvml_recovery_quiet_period,
+        heartbeat_interval=args.heartbeat_interval,
+    )
+
+    async def connect() -> ProviderApi:
+        if args.address:
+            return await TrioProviderClient.connect(address=args.address)
+        return await TrioProviderClient.connect(unix_socket=args.unix_socket)
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with _bridge.open_loop(), trio.open_nursery() as nursery:
+            await nursery.start(run_nvml_provider,
+                                lambda: PynvmlBackend(args.nvml_driver_root), connect, options)
+            log.info("NVML provider started", extra={"provider": args.provider_id})
+            async for _ in signals:
+                break
+            nursery.cancel_scope.cancel()
+    log.info("NVML provider stopped", extra={"provider": args.provider_id})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_format, args.verbosity)
+    _bridge.run(run, args, mode=args.bridge)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
