@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PROTO_DIR := src/deviceapi/proto
 PROTOS := $(PROTO_DIR)/device/v1alpha1/gpu.proto $(PROTO_DIR)/device/v1alpha1/provider.proto
 
-.PHONY: proto test lint run bench chaos tools
+.PHONY: proto test lint run bench bench-fanout bench-upstream chaos tools
 
 # The virtual environment, rebuilt when the dependencies change.
 .venv/.installed: pyproject.toml
@@ -39,8 +39,17 @@ lint: .venv/.installed
 run: .venv/.installed
 	$(PY) -m deviceapi --simulate 8 --unix-socket /tmp/device-api/device.sock --log-format text
 
+# The node-scale run, then upstream's k6 workload (issue 15) as its own phase.
 bench:
 	$(PY) -m bench.run
+	$(PY) -m bench.upstream
+
+# Only the fan-out comparison (storms, sustained writes, 32 conditions, each next to its floor).
+bench-fanout:
+	$(PY) -m bench.run --only fanout
+
+bench-upstream:
+	$(PY) -m bench.upstream
 
 chaos:
 	$(PY) -m bench.chaos

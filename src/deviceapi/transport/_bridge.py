@@ -44,8 +44,6 @@ from ..actors import Reply
 T = TypeVar("T")
 Mode = Literal["trio-asyncio", "guest"]
 MODES: tuple[Mode, ...] = ("trio-asyncio", "guest")
-#: Seconds a thread waits for the GIL before asking for it (Python's default: 0.005).
-SWITCH_INTERVAL = 0.0005
 #: Guest mode, after a crossing (see _HotHost): seconds one quiet poll of the host may sleep,
 #: and quiet polls in a row before trio goes back to waiting in its thread.
 HOT_POLL_S = 0.0005
@@ -186,10 +184,6 @@ async def _host(async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
         finally:
             _guest = None
 
-    # Trio's I/O waits run in a worker thread that must take the GIL to hand each tick back;
-    # with the default 5 ms switch interval a busy host thread makes it wait that long every
-    # time (see _HotHost).
-    sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
     trio.lowlevel.start_guest_run(
         guest_main,
         run_sync_soon_threadsafe=loop.call_soon_threadsafe,
