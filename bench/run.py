@@ -1117,6 +1117,62 @@ def _resources_plot(results: dict[str, Any], stem: Path, plt: Any) -> str:
     return str(path)
 
 
+def compare_plot(runs: list[tuple[str, dict[str, Any]]], path: Path) -> str | None:
+    """One PNG of the fan-out figures of several saved runs (e.g. before / after a change),
+    each next to the coalescing floor measured in the same run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    full = runs[0][1]["sizes"]["full_conditions"]
+    panels = [
+        ("storm 100/s", f"floor {COALESCE} 100/s", "p99 update → all watchers (ms)"),
+        (f"storm 100/s, {full} conditions", f"floor {COALESCE} 100/s, {full} conditions",
+         f"p99 at {full} conditions (ms)"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    x = range(len(runs))
+    for ax, (ours, floor, title) in zip(axes, panels, strict=False):
+        values = [r["storms"].get(ours, {}).get("all_watchers_latency_ms", {}).get("p99",
+                                                                                math.nan)
+                  for _, r in runs]
+        floors = [r.get("fanout_floors", {}).get(floor, {}).get(
+            "all_watchers_latency_ms", {}).get("p99", math.nan) for _, r in runs]
+        ax.bar([i - 0.2 for i in x], values, width=0.4, color="#c63", label="deviceapi")
+        ax.bar([i + 0.2 for i in x], floors, width=0.4, color="#69c",
+               label="coalescing floor, same run")
+        for i, (v, f) in enumerate(zip(values, floors, strict=True)):
+            if f == f and f:
+                ax.text(i - 0.2, v, f"x{v / f:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    ax = axes[2]
+    values = [r["sustained"]["writes_per_s"] for _, r in runs]
+    floors = [r.get("sustained_floor", {}).get("writes_per_s", math.nan) for _, r in runs]
+    ax.bar([i - 0.2 for i in x], values, width=0.4, color="#c63", label="deviceapi")
+    ax.bar([i + 0.2 for i in x], floors, width=0.4, color="#69c",
+           label="coalescing floor, same run")
+    for i, (v, f) in enumerate(zip(values, floors, strict=True)):
+        if f == f and f:
+            ax.text(i - 0.2, v, f"x{v / f:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_title("sustained writes/s acknowledged", fontsize=9)
+    for ax in axes:
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([label for label, _ in runs], fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    s = runs[0][1]["sizes"]
+    fig.suptitle(f"fan-out to {s['watchers']} informers, {s['gpus']} GPUs "
+                 "(ratio to the floor above each bar; lower latency / higher writes is better)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def machine() -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -1179,7 +1235,19 @@ def main(argv: list[str] | None = None) -> int:
                              "folded stacks in bench/results/bench-<time>-server.pyspy")
     parser.add_argument("--report", metavar="JSON",
                         help="print the table and redraw the plots of a saved run; run nothing")
+    parser.add_argument("--compare", nargs="+", metavar="LABEL=JSON",
+                        help="draw the fan-out figures of saved runs side by side into --out")
+    parser.add_argument("--out", metavar="PNG", help="where --compare draws")
     args = parser.parse_args(argv)
+    if args.compare:
+        runs = [(label, json.loads(Path(path).read_text()))
+                for label, _, path in (item.partition("=") for item in args.compare)]
+        for label, results in runs:
+            print(f"== {label}")
+            print(table(results)[0])
+        drawn = compare_plot(runs, Path(args.out or "bench/results/compare.png"))
+        print("plot: " + (drawn or "skipped (matplotlib is not installed)"))
+        return 0
     if args.report:
         path = Path(args.report)
         results = json.loads(path.read_text())
