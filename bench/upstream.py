@@ -176,9 +176,8 @@ async def _reader(api: UpstreamApi, vu: int, names: list[str], tally: _Tally,
 
 
 async def _create(api: UpstreamApi, names: list[str], tally: _Tally) -> None:
-    if names:  # connect first (NOT_FOUND or UNAVAILABLE: either warms the connection)
-        with contextlib.suppress(GRPCError, StreamTerminatedError, OSError):
-            await api.get(names[0])
+    if names:
+        await _connect(api, names[0])
     for name in names:
         t = time.perf_counter()
         try:
@@ -188,6 +187,22 @@ async def _create(api: UpstreamApi, names: list[str], tally: _Tally) -> None:
             continue
         tally.record("create", time.perf_counter() - t)
         tally.check(True)
+
+
+async def _connect(api: UpstreamApi, name: str, timeout: float = 30.0) -> None:
+    """Connect before the clock starts. The health port answers before the gRPC socket
+    exists, so retry until a call gets any gRPC answer (UNAVAILABLE before READY, NOT_FOUND)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await api.get(name)
+            return
+        except (GRPCError, StreamTerminatedError):
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.01)
 
 
 async def _warm(tally: _Tally, seconds: float) -> None:
@@ -331,7 +346,11 @@ async def run_size(config: Config, gpus: int, workdir: Path, log: Path) -> dict[
         created = _merge(await procs.call(
             [{"cmd": "create", "names": s} for s in share], 120))
         create_s = time.monotonic() - t
-        await server.wait_ready()
+        try:
+            await server.wait_ready(timeout=30)
+        except TimeoutError:
+            raise RuntimeError(f"not READY after creating {gpus} GPUs: {created['checks']}, "
+                               f"{created['failures']}") from None
         load0 = os.getloadavg()
         cpu0, machine0, t0 = cpu_seconds(server.pid), machine_busy_seconds(), time.monotonic()
         mixed = _merge(await procs.call([
