@@ -35,6 +35,9 @@ provider last asserted (a GPU that threw a critical XID is still NVMLReady=False
 NVML crash), the server is READY and SERVING, every CacheOwner and NVML fault restarted exactly
 that child (and nothing escalated to the root supervisor), every fault recovered, and no watcher
 slot or in-flight call is left once the clients are gone.
+
+A second part (``bench.chaos_restarts``) then SIGKILLs the server *process* several times while
+providers and informers keep running (``--kills``, ``--only-kills``).
 """
 
 from __future__ import annotations
@@ -1066,6 +1069,15 @@ FULL = ChaosOptions(gpus=1024, watchers=32, faults=100, providers=8, process_pro
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The second part reuses this module's clients and providers: imported here, not above.
+    from .chaos_restarts import (
+        FULL_RESTARTS,
+        SHORT_RESTARTS,
+        RestartReport,
+        print_report,
+        run_restarts,
+    )
+
     parser = argparse.ArgumentParser(prog="python -m bench.chaos",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--short", action="store_true",
@@ -1077,6 +1089,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bridge", choices=_bridge.MODES, default=Config().bridge,
                         help="how the in-process server hosts trio and asyncio (default: "
                              "the server's default)")
+    parser.add_argument("--kills", type=int,
+                        help="SIGKILLs of the server process in the second part (0: skip it; "
+                             "default 3, or 5 at full size)")
+    parser.add_argument("--only-kills", action="store_true",
+                        help="run only the second part (server process kills)")
     args = parser.parse_args(argv)
     options = ChaosOptions() if args.short else FULL
     changes = {k: v for k, v in {"seed": args.seed, "faults": args.faults, "gpus": args.gpus,
@@ -1094,33 +1111,54 @@ def main(argv: list[str] | None = None) -> int:
                 trio.fail_after(60 + options.faults * 3 + options.recover_timeout * 4):
             return await run_chaos(options, tmp, say)
 
-    logging.getLogger("deviceapi").setLevel(logging.ERROR)  # faults are expected here
-    fds = _open_fds()
-    report = _bridge.run(go, mode=args.bridge)
-    gc.collect()
-    leaked = _open_fds() - fds
-    if leaked:
-        report.errors.append(f"file descriptors left open: {sorted(leaked)}")
-    summary = report.summary()
-    print()
-    print(f"{'fault':22} {'n':>4} {'recovery p50 ms':>16} {'max ms':>9}")
-    for kind, row in summary["by_kind"].items():
-        print(f"{kind:22} {row['n']:4d} {row['recovery_p50_ms']:16.1f} "
-              f"{row['recovery_max_ms']:9.1f}")
-    print()
-    for key in ("faults", "writes_acked", "write_retries", "stream_ends", "evictions",
-                "resumes", "relists", "owner_restarts", "root_restarts", "nvml_restarts",
-                "xids", "process_kills", "process_starts", "seconds"):
-        print(f"{key}: {summary[key]}")
-    notes = collections.Counter(f"{r.kind}: {r.note}" for r in report.faults if r.note)
-    for note, n in sorted(notes.items()):
-        print(f"  {n:3d} x {note}")
+    restart_options = dataclasses.replace(
+        SHORT_RESTARTS if args.short else FULL_RESTARTS, seed=args.seed, bridge=args.bridge,
+        **({"kills": args.kills} if args.kills is not None else {}))
+
+    async def go_restarts() -> RestartReport:
+        with tempfile.TemporaryDirectory(prefix="deviceapi-chaos-") as tmp, \
+                trio.fail_after(120 + restart_options.kills * 60):
+            return await run_restarts(restart_options, tmp, say)
+
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(parents=True, exist_ok=True)
-    summary["options"] = dataclasses.asdict(options)
-    summary["records"] = [dataclasses.asdict(r) for r in report.faults]
-    (out / "chaos-latest.json").write_text(json.dumps(summary, indent=1, default=str))
-    problems = report.problems()
+    summary: dict[str, Any] = {}
+    problems: list[str] = []
+    if not args.only_kills:
+        logging.getLogger("deviceapi").setLevel(logging.ERROR)  # faults are expected here
+        fds = _open_fds()
+        report = _bridge.run(go, mode=args.bridge)
+        gc.collect()
+        leaked = _open_fds() - fds
+        if leaked:
+            report.errors.append(f"file descriptors left open: {sorted(leaked)}")
+        summary = report.summary()
+        print()
+        print(f"{'fault':22} {'n':>4} {'recovery p50 ms':>16} {'max ms':>9}")
+        for kind, row in summary["by_kind"].items():
+            print(f"{kind:22} {row['n']:4d} {row['recovery_p50_ms']:16.1f} "
+                  f"{row['recovery_max_ms']:9.1f}")
+        print()
+        for key in ("faults", "writes_acked", "write_retries", "stream_ends", "evictions",
+                    "resumes", "relists", "owner_restarts", "root_restarts", "nvml_restarts",
+                    "xids", "process_kills", "process_starts", "seconds"):
+            print(f"{key}: {summary[key]}")
+        notes = collections.Counter(f"{r.kind}: {r.note}" for r in report.faults if r.note)
+        for note, n in sorted(notes.items()):
+            print(f"  {n:3d} x {note}")
+        summary["options"] = dataclasses.asdict(options)
+        summary["records"] = [dataclasses.asdict(r) for r in report.faults]
+        (out / "chaos-latest.json").write_text(json.dumps(summary, indent=1, default=str))
+        problems += report.problems()
+    if restart_options.kills:
+        say(f"server kills: {restart_options.kills} SIGKILLs of a server process "
+            f"({restart_options.gpus} GPUs, {restart_options.watchers} informers, "
+            f"{restart_options.providers} providers)")
+        restarts = _bridge.run(go_restarts, mode=args.bridge)
+        print_report(restarts)
+        summary["server_kills"] = restarts.summary()
+        (out / "chaos-latest.json").write_text(json.dumps(summary, indent=1, default=str))
+        problems += restarts.problems()
     print("\nOK: every invariant held" if not problems else
           "\nPROBLEMS:\n" + "\n".join(f"- {p}" for p in problems))
     return 1 if problems else 0

@@ -22,7 +22,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from . import __version__
-from ._config import Config
+from ._config import Config, bind_host
 from .actors import FaultHook, health
 from .actors.cache_owner import CacheOwner
 from .actors.core import Core, Observer
@@ -42,6 +42,9 @@ from .transport.metrics import ServerMetrics
 
 log = logging.getLogger("deviceapi.app")
 
+#: Seconds of the shutdown timeout kept for ending undrained watch streams with a status.
+STREAM_END_GRACE = 1.0
+
 
 
 @dataclasses.dataclass(slots=True)
@@ -60,17 +63,29 @@ class Runtime:
     nvml_pollers: list[NvmlPoller] = dataclasses.field(default_factory=list)
 
     async def shutdown(self) -> None:
-        """SPEC §6: not ready → shutdown-delay → stop accepting → end watches with OK → let
-        in-flight calls finish within shutdown-timeout → force close → stop the providers."""
+        """SPEC §6: not ready → shutdown-delay → stop accepting → drain watches (then OK) and
+        let in-flight calls finish within shutdown-timeout → force close → stop the providers.
+
+        Bounded by shutdown-delay + shutdown-timeout (plus the force close's own short grace,
+        :meth:`GrpcServer.close`) whatever the clients do: connected, idle or not reading.
+        The last part of the timeout ends watch streams that could not be drained: they end
+        UNAVAILABLE naming their last version, never OK with a silent tail (SPEC §3)."""
         config = self.config
-        log.info("shutdown: not ready", extra={"reason": "shutdown requested"})
+        log.info("shutdown: not ready; draining before closing the listeners",
+                 extra={"reason": f"shutdown-delay {config.shutdown_delay:g}s"})
         self.core.gate.begin_shutdown()
         await trio.sleep(config.shutdown_delay)
-        log.info("shutdown: closing listeners and watch streams")
-        self.grpc.stop_accepting()
-        self.core.hub.close_all()
-        with trio.move_on_after(config.shutdown_timeout) as waited:
+        log.info("shutdown: closing listeners and draining watch streams",
+                 extra={"reason": f"shutdown-timeout {config.shutdown_timeout:g}s"})
+        grace = min(STREAM_END_GRACE, config.shutdown_timeout / 4)
+        with trio.move_on_after(config.shutdown_timeout - grace) as waited:
+            self.grpc.stop_accepting()
+            self.core.hub.close_all()  # each stream ends OK once it has every committed event
             await self.grpc.wait_idle()
+        if waited.cancelled_caught:
+            self.core.hub.abort_draining()
+            with trio.move_on_after(grace) as waited:
+                await self.grpc.wait_idle()
         if waited.cancelled_caught:
             log.warning("shutdown: in-flight calls did not finish in time; forcing close",
                         extra={"reason": f"{self.grpc.in_flight} calls"})
@@ -101,12 +116,13 @@ def build_metrics(core: Core, metrics: ServerMetrics) -> None:
     observer.on_watch_event = metrics.count_watch_event
     observer.on_evict = metrics.count_eviction
     observer.on_heartbeat_timeout = lambda provider: metrics.count_heartbeat_timeout()
+    observer.on_ingest = metrics.count_ingest
     core.gate.add_listener(lambda state: metrics.set_readiness(state.value))
     metrics.set_nvml_provider_enabled(False)
 
     def refresh_core() -> None:
         state = core.store.state
-        counts = health.count(state.gpus.values())
+        counts = health.count(state.gpus.values(), core.config.problem_conditions)
         metrics.set_cache_gpus(total=counts.total, healthy=counts.healthy,
                                unhealthy=counts.unhealthy, unknown=counts.unknown)
         metrics.set_cache_resource_version(state.rv)
@@ -124,13 +140,16 @@ async def open_runtime(
     observer: Observer | None = None,
     grpc_wrappers: list[MappingWrapper] | None = None,
     nvml_backend: Callable[[], NvmlBackend] | None = None,
+    version_base: int | None = None,
 ) -> AsyncIterator[Runtime]:
     """Start a whole server inside the current trio run; yields once it is serving.
 
     ``nvml_backend`` replaces the real NVML library for ``--enable-nvml-provider`` (tests and
-    the chaos kit hand in a ``FakeNvml`` factory)."""
+    the chaos kit hand in a ``FakeNvml`` factory). ``version_base``: the resource version this
+    incarnation starts from; None (the server's only mode) derives it from the wall clock so
+    versions never repeat across restarts (SPEC §2)."""
     async with _bridge.open_loop():
-        core = Core.build(config, observer)
+        core = Core.build(config, observer, version_base=version_base)
         metrics = ServerMetrics(CollectorRegistry(), version=__version__, node=config.node_name)
         build_metrics(core, metrics)
         grpc = GrpcServer(core, config, [metrics.instrument, *(grpc_wrappers or [])])
@@ -175,10 +194,11 @@ async def open_runtime(
             gate = core.gate
             async with trio.open_nursery() as nursery:
                 http_ports.health = await nursery.start(
-                    serve_http, "", config.health_port,
+                    serve_http, bind_host(config.health_address), config.health_port,
                     health_app(lambda: (gate.serving, gate.reason())))
                 http_ports.metrics = await nursery.start(
-                    serve_http, "", config.metrics_port, metrics_app(metrics))
+                    serve_http, bind_host(config.metrics_address), config.metrics_port,
+                    metrics_app(metrics))
                 task_status.started()
 
         children = [

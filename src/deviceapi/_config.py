@@ -1,9 +1,11 @@
 """Command-line flags and environment of ``device-api-server`` (SPEC §6).
 
-Every default in SPEC.md is a flag here, and every flag can be overridden by an environment
-variable ``DEVICE_API_<FLAG>`` (upper case, dashes as underscores), which the chart and operators
-use. The environment wins over the command line, as SPEC §6 says ("env overrides"). Parsing
-produces one frozen :class:`Config`; nothing else in the program reads ``os.environ`` or argv.
+Every default in SPEC.md is a flag here, and every flag can also be set by an environment
+variable ``DEVICE_API_<FLAG>`` (upper case, dashes as underscores). The environment overrides the
+*default*; a flag given on the command line wins over the environment (the usual convention:
+the more specific, more visible setting wins, so ``device-api-server --min-gpus 2`` means 2 even
+in a shell that exported ``DEVICE_API_MIN_GPUS``). Parsing produces one frozen :class:`Config`;
+nothing else in the program reads ``os.environ`` or argv.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ class XidSet:
 
     def __contains__(self, xid: object) -> bool:
         return self.everything or xid in self.xids
+
+    def __str__(self) -> str:
+        """As an operator writes it on the command line (``--help`` shows defaults this way)."""
+        if self.everything:
+            return "all"
+        return ",".join(str(x) for x in sorted(self.xids)) or "none"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -116,6 +124,33 @@ class Config:
         return out
 
 
+def bind_host(address: str) -> str:
+    """The host part of a bind-address flag as the socket layer wants it (``[::1]`` → ``::1``);
+    "" stays "" (every interface)."""
+    return address.strip().removeprefix("[").removesuffix("]")
+
+
+def _check_bind_address(flag: str, address: str) -> None:
+    """An HTTP bind address is "" (every interface), an IP literal, or a host name; anything
+    else (a port, a URL, spaces) is refused here, before anything starts."""
+    host = bind_host(address)
+    if not host:
+        return
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if all(label and len(label) <= 63 and label.replace("-", "").isalnum()
+           and label.isascii() and not label.startswith("-") for label in labels):
+        return
+    raise ConfigError(
+        f"{flag} {address!r}: expected an IP address or host name without a port "
+        '("" = every interface)'
+    )
+
+
 def split_host_port(address: str) -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` too); raise ConfigError on anything else."""
     host, sep, port_text = address.rpartition(":")
@@ -176,6 +211,34 @@ def _port(text: str) -> int:
     return value
 
 
+def _show_default(value: object) -> str:
+    """A default as it would be typed on the command line, not as a Python repr."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (frozenset, set)):
+        return ",".join(sorted(str(v) for v in value)) or "none"
+    if value == "":
+        return '""'
+    return str(value)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every default written the way an operator would type it.
+
+    argparse's own formatter prints ``%(default)s``, i.e. ``str()`` of the parsed value, which
+    for sets is ``frozenset()``; this one renders it with :func:`_show_default` instead. (The
+    hook, ``_get_help_string``, is the one ``ArgumentDefaultsHelpFormatter`` itself overrides.)
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.nargs == 0 or "(default" in text
+                or action.default in (None, argparse.SUPPRESS)):
+            return text
+        shown = _show_default(action.default).replace("%", "%%")
+        return f"{text} (default: {shown})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``device-api-server``; the Helm chart's tests render args through it."""
     p = argparse.ArgumentParser(
@@ -183,10 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Node-local GPU device-state server. Health providers (NVML, DCGM, NVSentinel) write "
             "GPU state; device plugins and DRA drivers read and watch it over gRPC. Every flag "
-            f"can be set by an environment variable {ENV_PREFIX}<FLAG> (for example "
-            f"{ENV_PREFIX}MIN_GPUS=4), which takes precedence over the command line."
+            f"can also be set by an environment variable {ENV_PREFIX}<FLAG> (for example "
+            f"{ENV_PREFIX}MIN_GPUS=4), which replaces the default; a flag given on the command "
+            "line wins over the environment."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     d = Config()
     listen = p.add_argument_group("listeners")
@@ -231,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Validate flags and environment, print the effective configuration "
                            "as JSON and exit (0 valid, 2 invalid).")
     life.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""),
-                      help="Node name for the info metric (defaults to $NODE_NAME).")
+                      help="Node name for the info metric (default: $NODE_NAME).")
 
     nvml = p.add_argument_group("NVML provider")
     nvml.add_argument("--enable-nvml-provider", type=parse_bool, nargs="?", const=True,
@@ -301,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _env_argv(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> list[str]:
-    """Turn ``DEVICE_API_<FLAG>`` variables into argv items (appended, so they win)."""
+    """Turn ``DEVICE_API_<FLAG>`` variables into argv items. They are put *before* the command
+    line's, and argparse keeps the last value of an option, so a flag given on the command line
+    wins over its variable."""
     argv: list[str] = []
     for action in parser._actions:  # argparse offers no public iterator over options
         long_names = [s for s in action.option_strings if s.startswith("--")]
@@ -324,7 +390,7 @@ def parse_config(
     """
     parser = build_parser()
     env = os.environ if environ is None else environ
-    args = parser.parse_args([*(argv if argv is not None else []), *_env_argv(parser, env)])
+    args = parser.parse_args([*_env_argv(parser, env), *(argv if argv is not None else [])])
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     config = Config(**values)
     validate(config)
@@ -338,6 +404,8 @@ def validate(config: Config) -> None:
             f"--health-port and --metrics-port must differ (both {config.health_port})"
         )
     config.grpc_host_port()  # raises on a malformed address
+    _check_bind_address("--health-address", config.health_address)
+    _check_bind_address("--metrics-address", config.metrics_address)
     if not config.grpc_address and not config.unix_socket:
         raise ConfigError("--grpc-address and --unix-socket are both empty: nothing to serve on")
     if not 1 <= config.max_concurrent_streams <= 2**31 - 1:

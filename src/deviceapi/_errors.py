@@ -18,6 +18,10 @@ class NotFound(DeviceApiError):
     """The named GPU does not exist (NOT_FOUND)."""
 
 
+class AlreadyExists(DeviceApiError):
+    """SPEC §7.1 CreateGpu: the name is taken (ALREADY_EXISTS; §1's CreateGpu is idempotent)."""
+
+
 class Conflict(DeviceApiError):
     """Optimistic concurrency: the expected resource version is not the current one (ABORTED)."""
 

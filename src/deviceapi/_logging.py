@@ -31,6 +31,7 @@ from typing import Final, Literal, TextIO
 CONTEXT_KEYS: Final = (
     "gpu",
     "provider",
+    "check",
     "resource_version",
     "watcher",
     "actor",

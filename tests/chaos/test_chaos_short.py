@@ -9,7 +9,10 @@ gap in any watch stream, only resumable stream ends, every informer converged, e
 verdict still in the server, READY and SERVING, no escalation, every fault recovered, no watcher
 slot or call left over (and the suite's fd/process/task leak checks).
 
-The second test pins what the first chaos runs found: a provider that comes back from a
+The second runs the other part of ``make chaos``: the server process itself SIGKILLed and
+restarted on its socket while providers and informers keep running (``bench.chaos_restarts``).
+
+The third test pins what the first chaos runs found: a provider that comes back from a
 heartbeat timeout and writes before its heartbeat is processed used to leave the server's
 Ready=Unknown on that GPU for good.
 """
@@ -27,6 +30,7 @@ if str(ROOT) not in sys.path:  # bench/ is a top-level package next to src/ and 
     sys.path.insert(0, str(ROOT))
 
 from bench.chaos import KINDS, ChaosOptions, run_chaos  # noqa: E402
+from bench.chaos_restarts import RestartOptions, run_restarts  # noqa: E402
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb  # noqa: E402
 from deviceapi.testing.objects import GPU_A  # noqa: E402
 from deviceapi.testing.runtime import (  # noqa: E402
@@ -51,6 +55,24 @@ async def test_short_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     assert report.nvml_restarts == report.nvml_faults_fired > 0
     assert report.process_kills > 0 and report.process_starts > report.process_kills
     assert report.xids["delivered"] > 0
+
+
+@pytest.mark.slow
+async def test_server_process_killed_and_restarted_keeps_every_invariant(
+    tmp_path: Path,
+) -> None:
+    """The server process itself SIGKILLed twice under load (issue 14): every informer's cache
+    equals the last server's state, none applied an event on a list from another
+    incarnation, every provider re-registered, versions rose across every restart."""
+    options = RestartOptions(gpus=16, watchers=4, providers=2, kills=2, seed=3)
+    with trio.fail_after(90):
+        report = await run_restarts(options, tmp_path)
+    assert report.problems() == []
+    assert report.restarts == 2 and report.divergences() == 0
+    bases = [i.base for i in report.incarnations]
+    assert bases == sorted(set(bases)) and len(bases) == 3
+    assert report.relists >= 2 * options.watchers  # every informer relisted after each kill
+    assert all(i.ready_after_kill < 60 for i in report.incarnations[1:])
 
 
 async def test_heartbeat_restore_after_a_write_while_masked(tmp_path: Path) -> None:

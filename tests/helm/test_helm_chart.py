@@ -132,7 +132,9 @@ def test_socket_dir_init_container_is_minimal() -> None:
     assert sc["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
     assert init["command"][:2] == ["python", "-c"]
-    assert init["command"][3:] == ["/var/run/device-api", "65534", "65534"]
+    # every socket directory (gRPC, and the upstream API's, on by default), then uid and gid
+    assert init["command"][3:] == [
+        "/var/run/device-api", "/var/run/nvidia-device-api", "65534", "65534"]
     compile(init["command"][2], "<init>", "exec")  # the inline program is valid Python
     assert init["image"] == r.server["image"]
     off = render(nested({"socketDir.initChown": False}))
@@ -167,9 +169,10 @@ def test_socket_hostpath_is_mounted_at_the_same_path(socket: str) -> None:
         mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
         assert mounts["socket-dir"] == directory, c["name"]
     assert f"--unix-socket={socket}" in r.server["args"]
-    # Read-only root file system: the only writable places are the socket dir and /tmp.
+    # Read-only root file system: the only writable places are the socket dirs and /tmp.
     assert volumes["tmp"]["emptyDir"]
-    assert {m["mountPath"] for m in r.server["volumeMounts"]} == {directory, "/tmp"}
+    assert {m["mountPath"] for m in r.server["volumeMounts"]} == {
+        directory, "/var/run/nvidia-device-api", "/tmp"}
 
 
 def test_node_placement() -> None:
@@ -392,9 +395,20 @@ def test_extra_args_and_env_pass_through() -> None:
         nested(
             {
                 "server.extraArgs": ["--nvml-recovery-quiet-period=120"],
-                "server.extraEnv": [{"name": "DEVICE_API_MIN_GPUS", "value": "8"}],
+                "server.extraEnv": [
+                    {"name": "DEVICE_API_SIMULATE_FLAP_INTERVAL", "value": "5"},
+                    {"name": "DEVICE_API_MIN_GPUS", "value": "8"},
+                ],
             }
         )
     )
     assert r.server["args"][-1] == "--nvml-recovery-quiet-period=120"
-    assert env_of(r.server)["DEVICE_API_MIN_GPUS"] == "8"
+    env = env_of(r.server)
+    assert env["DEVICE_API_MIN_GPUS"] == "8"
+    # What the server makes of it: a variable sets a flag the chart does not render; a flag the
+    # chart renders (--min-gpus) wins over its variable (docs/OPERATIONS.md, Configuration).
+    from deviceapi._config import parse_config
+
+    config, _ = parse_config(r.server["args"], environ={k: str(v) for k, v in env.items()})
+    assert config.simulate_flap_interval == 5
+    assert config.min_gpus == 1

@@ -142,8 +142,11 @@ def test_chart_defaults_are_the_server_defaults() -> None:
 
     rendered, _ = parse_config(scenario("defaults").server["args"], environ={})
     defaults = Config()
+    # SPEC §7.1: the server leaves the upstream API's socket off; the chart turns it on where
+    # the upstream Go SDK looks by default.
+    assert rendered.nvsentinel_api_socket == "/var/run/nvidia-device-api/device-api.sock"
     for field in rendered.as_dict():
-        if field == "node_name":
+        if field in {"node_name", "nvsentinel_api_socket"}:
             continue
         assert getattr(rendered, field) == getattr(defaults, field), field
 

@@ -94,10 +94,12 @@ class Limits:
 class Model:
     """The GPUs a correct server holds, by name, and its resource version."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, base: int = 0) -> None:
         self.limits = limits
         self.gpus: dict[str, pb.Gpu] = {}
-        self.rv = 0
+        #: The server's starting version (SPEC §2: from the wall clock, never 0).
+        self.base = base
+        self.rv = base
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -112,7 +114,7 @@ class Model:
             return Outcome(INVALID)
         if rv == 0:
             return Outcome(OK, initial_events=len(self.gpus))
-        history = min(self.limits.watch_history, self.rv)
+        history = min(self.limits.watch_history, self.rv - self.base)
         if rv > self.rv or rv < self.rv - history:
             return Outcome(OUT_OF_RANGE)
         return Outcome(OK, initial_events=self.rv - rv)

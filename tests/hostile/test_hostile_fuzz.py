@@ -249,7 +249,7 @@ class Fuzzer:
     def __init__(self, runtime: Any, client: DeviceApiClient, limits: Limits) -> None:
         self.runtime = runtime
         self.client = client
-        self.model = Model(limits)
+        self.model = Model(limits, runtime.core.store.version_base)
         self.codes: collections.Counter[tuple[str, str]] = collections.Counter()
         self.cases = 0
 
@@ -315,8 +315,9 @@ class Fuzzer:
     def _check_initial(self, request: pb.WatchGpusRequest, events: list[Any]) -> None:
         start = int(request.opts.resource_version or 0)
         if start == 0:
+            by_version = sorted(self.model.gpus.values(), key=lambda g: g.resource_version)
             assert [(e.type, e.object.metadata.name) for e in events] == [
-                ("ADDED", n) for n in sorted(self.model.gpus)[:len(events)]]
+                ("ADDED", g.metadata.name) for g in by_version[:len(events)]]
         else:
             assert [e.object.resource_version for e in events] == list(
                 range(start + 1, start + 1 + len(events)))

@@ -272,12 +272,13 @@ async def test_object_size_at_limit_and_one_past(tmp_path: Path) -> None:
     limit = 65536
     async with open_test_runtime(make_test_config(tmp_path, min_gpus=0)) as rt, \
             open_client(rt) as client:
+        first = rt.core.store.version_base + 1  # the version the next write gets
         with trio.fail_after(20):
-            over = gpu_of_size(gpu_name(1), limit + 1, rv=1)
+            over = gpu_of_size(gpu_name(1), limit + 1, rv=first)
             assert await status_of(lambda: client.create(over)) == (
                 Status.INVALID_ARGUMENT, f"gpu object is {limit + 1} bytes, over the limit of "
                                          f"{limit}")
-            at = gpu_of_size(gpu_name(2), limit, rv=1)
+            at = gpu_of_size(gpu_name(2), limit, rv=first)
             assert await status_of(lambda: client.create(at)) == (Status.OK, "")
             stored = await run_aio(client.get, gpu_name(2))
             assert stored.ByteSize() == limit
@@ -288,7 +289,7 @@ async def test_object_size_at_limit_and_one_past(tmp_path: Path) -> None:
             assert await status_of(lambda: client.update_status(gpu_name(2), grown)) == (
                 Status.INVALID_ARGUMENT, f"gpu object is {limit + 1} bytes, over the limit of "
                                          f"{limit}")
-            assert (await run_aio(client.get, gpu_name(2))).resource_version == 1
+            assert (await run_aio(client.get, gpu_name(2))).resource_version == first
 
 
 # -- request message size --------------------------------------------------------------------

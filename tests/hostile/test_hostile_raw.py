@@ -157,9 +157,9 @@ def expected(model: Model, path: str, framing: str, payload: bytes) -> Outcome:
 
 
 class RawFuzzer:
-    def __init__(self, raw: RawH2) -> None:
+    def __init__(self, raw: RawH2, base: int) -> None:
         self.raw = raw
-        self.model = Model(LIMITS)
+        self.model = Model(LIMITS, base)
         self.codes: collections.Counter[tuple[str, str]] = collections.Counter()
 
     async def run(self, path: str, framing: str, payload: bytes, frames: list[bytes]) -> None:
@@ -188,7 +188,7 @@ async def test_fuzz_raw_frames_on_one_connection(tmp_path: Path) -> None:
     config = make_test_config(tmp_path, min_gpus=0, max_gpus=LIMITS.max_gpus,
                               heartbeat_timeout=1e9)
     async with open_test_runtime(config) as rt, RawH2.open(rt.listeners.unix_socket) as raw:
-        fuzzer = RawFuzzer(raw)
+        fuzzer = RawFuzzer(raw, rt.core.store.version_base)
 
         @settings(max_examples=EXAMPLES, deadline=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

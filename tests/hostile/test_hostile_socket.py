@@ -1,7 +1,8 @@
 """Socket safety (SPEC §6): the Unix socket is 0660 in a 0750 directory, a stale socket is
-replaced, anything else at the path is never deleted (the server refuses to start, also through
-the real CLI), an existing directory's mode is the operator's, and a TCP listener on a
-non-loopback address warns that the API is unauthenticated."""
+replaced, a live one is never taken over (the second server refuses to start, also through the
+real CLI), a server on its way out removes the socket only if it is still its own, anything
+else at the path is never deleted, an existing directory's mode is the operator's, and a TCP
+listener on a non-loopback address warns that the API is unauthenticated."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from grpclib.const import Status
 
 from deviceapi.testing.runtime import make_test_config, open_test_runtime
 from deviceapi.transport.grpc_server import SocketPathError
+from deviceapi.transport.unix_socket import claim_unix_socket
 
 
 def mode(path: str | Path) -> int:
@@ -97,12 +99,130 @@ async def test_a_stale_socket_is_replaced(tmp_path: Path, caplog: pytest.LogCapt
     stale.close()  # the file stays: a socket nobody listens on
     with pytest.raises(OSError):
         await trio.open_unix_socket(path)
-    with caplog.at_level(logging.INFO, logger="deviceapi.grpc"):
+    with caplog.at_level(logging.INFO, logger="deviceapi.socket"):
         async with open_test_runtime(config):
             assert mode(path) == 0o660
             with trio.fail_after(10):
                 assert await serves(path)
     assert any(r.getMessage() == "removing stale socket" for r in caplog.records)
+
+
+def identity(path: str | Path) -> tuple[int, int, int]:
+    info = os.lstat(path)
+    return info.st_dev, info.st_ino, info.st_ctime_ns
+
+
+async def test_a_live_socket_is_never_taken_over(tmp_path: Path) -> None:
+    """Issue 14 item 4: a second server on a live server's path used to unlink it and take
+    over, leaving the first running but unreachable. It now refuses to start, and touches
+    nothing of the first's."""
+    config = make_test_config(tmp_path, min_gpus=0)
+    path = config.unix_socket
+    async with open_test_runtime(config):
+        before = identity(path)
+        with pytest.raises(BaseException) as info:
+            async with open_test_runtime(config):
+                pytest.fail("the second server started")
+        error = find(info.value, SocketPathError)
+        assert error is not None, info.value
+        assert str(error) == (
+            f"--unix-socket {path} is in use: another server accepts connections on it; "
+            "refusing to take it over (stop that server or choose another path)")
+        assert identity(path) == before
+        with trio.fail_after(10):
+            assert await serves(path)
+
+
+async def test_a_server_on_its_way_out_leaves_its_successors_socket(tmp_path: Path) -> None:
+    """Issue 14 item 4: during a rolling restart the old server has stopped accepting (its
+    socket is stale) when the new one starts and replaces it; the old one, finishing its
+    shutdown, used to delete the new one's socket. It removes the path only if it is still
+    its own."""
+    config = make_test_config(tmp_path, min_gpus=0)
+    path = config.unix_socket
+    old_stopped_accepting, new_started, old_gone, done = (trio.Event() for _ in range(4))
+    seen: dict[str, object] = {}
+
+    async def old() -> None:
+        async with open_test_runtime(config) as rt:
+            rt.grpc.stop_accepting()  # what shutdown does first
+            old_stopped_accepting.set()
+            await new_started.wait()
+        old_gone.set()
+
+    async def new() -> None:
+        await old_stopped_accepting.wait()
+        async with open_test_runtime(config):
+            seen["ours"] = identity(path)
+            new_started.set()
+            await old_gone.wait()
+            seen["after"] = identity(path) if await trio.Path(path).exists() else None
+            with trio.fail_after(10):
+                seen["serves"] = await serves(path)
+            done.set()
+        seen["gone"] = not await trio.Path(path).exists()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(old)
+            nursery.start_soon(new)
+    assert seen == {"ours": seen["ours"], "after": seen["ours"], "serves": True, "gone": True}
+
+
+@pytest.mark.parametrize(("flag", "field"), [
+    ("--nvsentinel-api-socket", "nvsentinel_api_socket"),
+    ("--platform-connector-socket", "platform_connector_socket"),
+])
+async def test_the_other_sockets_follow_the_same_rules(tmp_path: Path, flag: str,
+                                                       field: str) -> None:
+    """SPEC §7's sockets are claimed the same way: a live one is refused (naming its flag),
+    a stale one replaced, and each removed on exit."""
+    other = tmp_path / "other" / "api.sock"
+    other.parent.mkdir()
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(other))
+    listener.listen()
+    config = make_test_config(tmp_path, min_gpus=0, **{field: str(other)})
+    try:
+        with pytest.raises(BaseException) as info:
+            async with open_test_runtime(config):
+                pytest.fail("the server started on a live socket")
+        error = find(info.value, SocketPathError)
+        assert error is not None and str(error).startswith(f"{flag} {other} is in use")
+        assert not await trio.Path(config.unix_socket).exists()  # its own socket released
+    finally:
+        listener.close()  # now stale
+    async with open_test_runtime(config):
+        assert mode(other) == 0o660
+    assert not await trio.Path(other).exists()
+
+
+def test_claim_and_release_remove_only_our_own_socket(tmp_path: Path) -> None:
+    """The helper every listener uses (the gRPC socket here; the other APIs' sockets too)."""
+    path = str(tmp_path / "sub" / "api.sock")
+    first = claim_unix_socket(path, flag="--some-socket")
+    assert mode(path) == 0o660 and mode(tmp_path / "sub") == 0o750
+    with pytest.raises(SocketPathError, match=r"^--some-socket .* is in use"):
+        claim_unix_socket(path, flag="--some-socket")  # first is listening
+    first.sock.close()  # crashed without cleaning up: the file is stale now
+    second = claim_unix_socket(path, flag="--some-socket")
+    assert first.release() is False  # not ours any more (a new inode, or the same reused)
+    assert second.is_ours() and stat.S_ISSOCK(os.lstat(path).st_mode)
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(path)  # the successor still serves
+    second.close()
+    assert not os.path.lexists(path)
+    assert second.release() is False  # idempotent
+
+
+def test_release_leaves_a_path_someone_replaced_with_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "api.sock"
+    claim = claim_unix_socket(str(path))
+    claim.sock.close()
+    path.unlink()
+    path.write_text("precious\n")
+    assert claim.release() is False
+    assert path.read_text() == "precious\n"
 
 
 def _regular_file(path: Path) -> Callable[[], object]:
@@ -223,3 +343,29 @@ async def test_tcp_on_a_non_loopback_address_warns_that_the_api_is_unauthenticat
     if warned:
         assert warnings[0].getMessage() == (
             "gRPC listens on a non-loopback address; the API is unauthenticated")
+
+
+def test_cli_refuses_a_live_socket_with_one_clear_line(tmp_path: Path) -> None:
+    """A second server process on a live path exits 1 naming the path; the first keeps its
+    socket."""
+    path = tmp_path / "device.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen()
+    try:
+        before = identity(path)
+        result = subprocess.run(
+            [sys.executable, "-m", "deviceapi", "--unix-socket", str(path), "--grpc-address",
+             "", "--health-port", str(_free_port()), "--metrics-port", str(_free_port()),
+             "--log-format", "text"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert result.returncode == 1
+        assert identity(path) == before
+        output = (result.stdout + result.stderr).splitlines()
+        clear = [line for line in output if "refusing to take it over" in line]
+        assert clear, output
+        assert all(str(path) in line and "is in use" in line for line in clear)
+        assert "Traceback" not in result.stderr
+    finally:
+        listener.close()

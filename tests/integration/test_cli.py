@@ -6,6 +6,7 @@ deviceapi.cli`` when it is not installed) while the server runs in this test's t
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -42,7 +43,8 @@ async def server(tmp_path: Path, *gpus: tuple[str, str], **overrides: Any
     """A server holding ``gpus`` (name, Ready status). On the way out, wait (bounded) until
     both ends of the CLI's connections are closed."""
     overrides.setdefault("min_gpus", 0)
-    async with open_test_runtime(make_test_config(tmp_path, **overrides)) as rt:
+    # Versions from 0, so the expected output reads rv=1, 2, 3 (SPEC §2's base: test_restarts).
+    async with open_test_runtime(make_test_config(tmp_path, **overrides), version_base=0) as rt:
         for name, ready in gpus:
             await rt.core.store.write(store_ops.CreateGpu(pb.Gpu(
                 metadata=pb.ObjectMeta(name=name),
@@ -126,10 +128,11 @@ async def test_watch(tmp_path: Path) -> None:
     with trio.fail_after(20):
         async with server(tmp_path, (GPU_B, "True"), (GPU_A, "True")) as rt:
             cli = Cli(rt)
-            # --count N stops after N events: here the two ADDED of the initial snapshot
+            # --count N stops after N events: here the two ADDED of the initial snapshot, in
+            # version order
             lines = (await cli.ok("watch", "--count", "2")).splitlines()
             assert [line.split()[:3] for line in lines] == [
-                ["ADDED", GPU_A, "rv=2"], ["ADDED", GPU_B, "rv=1"]]
+                ["ADDED", GPU_B, "rv=1"], ["ADDED", GPU_A, "rv=2"]]
             assert lines[0].endswith("Ready=True")
 
             # live: the snapshot, then the change made after it arrived
@@ -148,7 +151,7 @@ async def test_watch(tmp_path: Path) -> None:
                             GPU_B, pb.Condition(type="Ready", status="False")))
             assert not buffer
             assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
-                ("ADDED", GPU_A), ("ADDED", GPU_B), ("MODIFIED", GPU_B)]
+                ("ADDED", GPU_B), ("ADDED", GPU_A), ("MODIFIED", GPU_B)]
             assert events[2]["object"]["status"]["conditions"][0]["status"] == "False"
             assert events[2]["object"]["resource_version"] == "3"
 
@@ -187,7 +190,9 @@ async def test_errors_exit_1_with_one_line(tmp_path: Path) -> None:
                 [*cli_command(), "--unix-socket", missing, "list"],
                 capture_stdout=True, capture_stderr=True, check=False)
             assert result.returncode == 1
-            assert result.stderr.decode().startswith("device-api: cannot reach the server:")
+            assert result.stderr.decode().splitlines() == [
+                f"device-api: cannot reach the server at unix socket {missing}: No such file or "
+                "directory (--unix-socket or --address say where it listens)"]
             # usage errors are argparse's: exit 2
             usage = await cli.run("set-condition", GPU_A, "Ready", "Maybe")
             assert usage.returncode == 2
@@ -197,3 +202,46 @@ async def test_reads_before_ready(tmp_path: Path) -> None:
     with trio.fail_after(20):
         async with server(tmp_path, min_gpus=1, provider_timeout=3600.0) as rt:
             assert await Cli(rt).error("list") == f"device-api: UNAVAILABLE: {WAITING}"
+
+
+def test_help_is_plain_text_and_every_argument_is_explained() -> None:
+    """--help is read in a terminal: no reST markup, and no argument without a word on it."""
+    from deviceapi.cli import build_parser
+
+    parser = build_parser()
+    top = parser.format_help()
+    assert "``" not in top
+    assert "device-api set-condition GPU-... TYPE STATUS" in top
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            assert action.help, f"{name}: {action.dest} has no help"
+
+
+async def test_api_nvsentinel_list_get_watch(tmp_path: Path) -> None:
+    """``--api nvsentinel`` reads the same store through SPEC §7.1's socket."""
+    upstream = str(tmp_path / "nvidia-device-api" / "device-api.sock")
+    with trio.fail_after(30):
+        async with server(tmp_path, (GPU_B, "True"), (GPU_A, "False"),
+                          nvsentinel_api_socket=upstream) as rt:
+            cli = Cli(rt)
+            cli.socket = upstream
+            assert _rows(await cli.ok("--api", "nvsentinel", "list")) == [
+                ["NAME", "VERSION", "CONDITIONS"],
+                [GPU_A, "2", "Ready=False"],
+                [GPU_B, "1", "Ready=True"],
+            ]
+            got = json.loads(await cli.ok("--api", "nvsentinel", "get", GPU_B, "-o", "json"))
+            assert got["metadata"]["namespace"] == "default"
+            assert got["metadata"]["generation"] == "1" and got["metadata"]["uid"]
+            assert "resource_version" not in got  # no field 4 in this API
+            assert _rows(await cli.ok("--api", "nvsentinel", "--namespace", "team-a",
+                                      "list")) == [["NAME", "VERSION", "CONDITIONS"]]
+            assert "NOT_FOUND" in await cli.error("--api", "nvsentinel", "get", GPU_C)
+
+            # a watch from a version replays what came after it
+            await rt.core.store.write(store_ops.DeleteGpu(GPU_A))
+            lines = (await cli.ok("--api", "nvsentinel", "watch", "--resource-version", "1",
+                                  "--count", "2")).splitlines()
+            assert [line.split()[:3] for line in lines] == [
+                ["ADDED", GPU_A, "rv=2"], ["DELETED", GPU_A, "rv=3"]]

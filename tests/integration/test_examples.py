@@ -92,10 +92,13 @@ async def test_examples_against_a_simulated_server(tmp_path: Path) -> None:
             simulated = sorted(names)
 
             out = await run_ok(example("minimal_provider.py", sock, "--once"))
+            # versions start from the server's wall-clock base (SPEC §2): 4 simulated GPUs
+            # took base+1..base+4
+            base = int(out[0].rsplit(" ", 1)[1].rstrip(")")) - 5
             assert out == [
-                f"{PROVIDER_GPU}: registered (resource version 5)",
+                f"{PROVIDER_GPU}: registered (resource version {base + 5})",
                 "heartbeat acknowledged",
-                f"{PROVIDER_GPU}: ExampleHealthy=True (resource version 6)",
+                f"{PROVIDER_GPU}: ExampleHealthy=True (resource version {base + 6})",
             ]
             # registered as Unknown (not healthy: no line), then True: now five are healthy
             assert _parse(await anext(lines)) == (5, 5, sorted([*simulated, PROVIDER_GPU]))
@@ -104,9 +107,9 @@ async def test_examples_against_a_simulated_server(tmp_path: Path) -> None:
                                        "--reason", "Broken", "--heartbeats", "2",
                                        "--interval", "0.01"))
             assert out == [
-                f"{PROVIDER_GPU}: already registered (resource version 6)",
+                f"{PROVIDER_GPU}: already registered (resource version {base + 6})",
                 "heartbeat acknowledged",
-                f"{PROVIDER_GPU}: ExampleHealthy=False (resource version 7)",
+                f"{PROVIDER_GPU}: ExampleHealthy=False (resource version {base + 7})",
                 "sent 2 more heartbeats",
             ]
             assert _parse(await anext(lines)) == (4, 5, simulated)
@@ -132,3 +135,33 @@ async def test_provider_reports_an_invalid_gpu_name(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.decode().startswith("minimal_provider: INVALID_ARGUMENT: name must")
     assert result.stderr.decode().count("\n") == 1
+
+
+async def test_upstream_api_client_example(tmp_path: Path) -> None:
+    """examples/upstream_api_client.py (grpcio, SPEC §7.1 socket): list, create, set a
+    condition with the version read, watch from the list's version; a second run finds the GPU
+    (ALREADY_EXISTS → read) and updates it; the server removes both sockets on SIGTERM."""
+    sock = tmp_path / "run" / "device.sock"
+    upstream = tmp_path / "nvidia-device-api" / "device-api.sock"
+    argv = [*server_argv(sock), "--nvsentinel-api-socket", str(upstream)]
+    with trio.fail_after(25):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(functools.partial(_checked, argv))
+            out = await run_ok(example("upstream_api_client.py", upstream, "--gpu",
+                                       PROVIDER_GPU, "--events", "2"))
+            assert out[0].startswith("listed 4 GPUs at version ")
+            base = int(out[0].rsplit(" ", 1)[1]) - 4  # the server's wall-clock base (SPEC §2)
+            assert out[1] == (f"{PROVIDER_GPU}: ExampleHealthy=True (generation 1, "
+                              f"version {base + 6})")
+            assert [line.split()[:3] for line in out[2:]] == [
+                ["ADDED", PROVIDER_GPU, f"version={base + 5}"],
+                ["MODIFIED", PROVIDER_GPU, f"version={base + 6}"]]
+            assert out[3].endswith("ExampleHealthy=True")
+
+            out = await run_ok(example("upstream_api_client.py", upstream, "--gpu",
+                                       PROVIDER_GPU, "--status", "False", "--once"))
+            assert out[1:] == [f"{PROVIDER_GPU}: ExampleHealthy=False (generation 1, "
+                               f"version {base + 7})"]
+            server.send_signal(signal.SIGTERM)
+    for path in (sock, upstream):
+        assert not await trio.Path(path).exists(), f"{path} left behind"

@@ -31,8 +31,9 @@ async def expect_status(status: Status, call: object) -> str:
 async def test_create_get_list_update_delete(tmp_path: object) -> None:
     async def scenario(c: DeviceApiClient) -> None:
         created, is_new = await c.create(gpu(GPU_B, ("Ready", "True")))
-        assert is_new and created.resource_version == 1
-        assert created.metadata.resource_version == "1"
+        base = created.resource_version - 1  # this incarnation's start (SPEC §2)
+        assert is_new and base > 0
+        assert created.metadata.resource_version == str(base + 1)
         assert created.status.conditions[0].HasField("last_transition_time")
 
         again, is_new = await c.create(gpu(GPU_B, ("Ready", "False")))
@@ -41,35 +42,35 @@ async def test_create_get_list_update_delete(tmp_path: object) -> None:
         await c.create(gpu(GPU_A))
         listing = await c.list()
         assert [g.metadata.name for g in listing.items] == [GPU_A, GPU_B]  # stable order
-        assert listing.metadata.resource_version == "2"
+        assert listing.metadata.resource_version == str(base + 2)
 
         fetched = await c.get(GPU_B)
         assert fetched == created
 
         replaced = gpu(GPU_B, ("Ready", "False"))
-        replaced.resource_version = 1
+        replaced.resource_version = base + 1
         updated = await c.update(replaced)
-        assert updated.resource_version == 3
+        assert updated.resource_version == base + 3
         assert [(x.type, x.status) for x in updated.status.conditions] == [("Ready", "False")]
 
         status = pb.GpuStatus(conditions=[pb.Condition(type="Ready", status="True")],
                               recommended_action="none")
-        after = await c.update_status(GPU_B, status, resource_version=3)
-        assert after.resource_version == 4 and after.spec.uuid == GPU_B
+        after = await c.update_status(GPU_B, status, resource_version=base + 3)
+        assert after.resource_version == base + 4 and after.spec.uuid == GPU_B
         assert after.status.recommended_action == "none"
 
         await c.delete(GPU_B)
         await expect_status(Status.NOT_FOUND, c.get(GPU_B))
         listing = await c.list()
         assert [g.metadata.name for g in listing.items] == [GPU_A]
-        assert listing.metadata.resource_version == "5"  # delete bumps the version too
+        assert listing.metadata.resource_version == str(base + 5)  # delete bumps it too
 
     await run_client_scenario(make_test_config(tmp_path, min_gpus=0), scenario)
 
 
 async def test_error_codes(tmp_path: object) -> None:
     async def scenario(c: DeviceApiClient) -> None:
-        await c.create(gpu(GPU_A, ("Ready", "True")))
+        created, _ = await c.create(gpu(GPU_A, ("Ready", "True")))
         # conflict → ABORTED
         stale = gpu(GPU_A)
         stale.resource_version = 99
@@ -97,7 +98,7 @@ async def test_error_codes(tmp_path: object) -> None:
         # nothing was stored by any rejected call
         listing = await c.list()
         assert [g.metadata.name for g in listing.items] == [GPU_A]
-        assert listing.metadata.resource_version == "1"
+        assert listing.metadata.resource_version == str(created.resource_version)
 
     await run_client_scenario(make_test_config(tmp_path), scenario)
 

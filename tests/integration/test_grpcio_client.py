@@ -58,30 +58,32 @@ PROVIDER_SERVICE = "nvidia.device.v1alpha1.ProviderService"
 # ---- stubs generated from our .proto files ------------------------------------------------------
 
 
-def generate_grpcio_stubs(out: Path) -> types.SimpleNamespace:
+def generate_grpcio_stubs(out: Path, protos: Sequence[str] = PROTOS,
+                          package: str = "device") -> types.SimpleNamespace:
     """Run protoc with grpcio's plugin into ``out`` and import the result from there.
 
-    The generated code imports itself as the top-level package ``device`` (the .proto paths are
-    ``device/v1alpha1/*.proto``); ``out`` is on ``sys.path`` only while importing and the
-    ``device`` modules are dropped from ``sys.modules`` afterwards, so nothing else can pick
+    The generated code imports itself as the top-level package ``package`` (the .proto paths
+    are ``<package>/v1alpha1/*.proto``); ``out`` is on ``sys.path`` only while importing and the
+    ``package`` modules are dropped from ``sys.modules`` afterwards, so nothing else can pick
     them up by accident (``deviceapi`` is a different name and is never shadowed).
     """
     include = importlib.resources.files("grpc_tools") / "_proto"
     code = protoc.main([
         "protoc", f"-I{PROTO_ROOT}", f"-I{include}",
-        f"--python_out={out}", f"--grpc_python_out={out}", *PROTOS,
+        f"--python_out={out}", f"--grpc_python_out={out}", *protos,
     ])
     assert code == 0, f"protoc failed with {code}"
-    assert "device" not in sys.modules, "a module named 'device' is already imported"
+    assert package not in sys.modules, f"a module named {package!r} is already imported"
+    stems = [Path(p).stem for p in protos]
     sys.path.insert(0, str(out))
     try:
         modules = {
-            name: importlib.import_module(f"device.v1alpha1.{name}")
-            for name in ("gpu_pb2", "gpu_pb2_grpc", "provider_pb2", "provider_pb2_grpc")
+            name: importlib.import_module(f"{package}.v1alpha1.{name}")
+            for stem in stems for name in (f"{stem}_pb2", f"{stem}_pb2_grpc")
         }
     finally:
         sys.path.remove(str(out))
-        for name in [n for n in sys.modules if n == "device" or n.startswith("device.")]:
+        for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
             del sys.modules[name]
     for module in modules.values():
         assert Path(module.__file__ or "").is_relative_to(out), module.__file__
@@ -96,6 +98,15 @@ def stubs(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
 # ---- a grpcio connection, driven from trio ------------------------------------------------------
 
 
+def health_stub(channel: grpc.Channel) -> Any:
+    """grpc.health.v1.Health/Check on ``channel`` (grpcio ships no health stub)."""
+    return channel.unary_unary(
+        HEALTH_CHECK,
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+
+
 class Grpcio:
     """One grpcio channel to the server's Unix socket; calls run in worker threads."""
 
@@ -108,11 +119,7 @@ class Grpcio:
         self.channel = channel
         self.gpus = stubs.gpu_pb2_grpc.GpuServiceStub(channel)
         self.providers = stubs.provider_pb2_grpc.ProviderServiceStub(channel)
-        self._health = channel.unary_unary(
-            HEALTH_CHECK,
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
+        self._health = health_stub(channel)
 
     async def call(self, method: Callable[..., T], request: Any, **kwargs: Any) -> T:
         """A unary call in a worker thread, with a deadline."""
@@ -191,9 +198,11 @@ async def grpcio_channel(runtime: Runtime, options: Sequence[tuple[str, Any]] = 
 async def server_and_client(stubs: types.SimpleNamespace, tmp_path: Path,
                             **overrides: Any) -> AsyncIterator[Grpcio]:
     """A server in this trio run (READY at once unless ``min_gpus`` says otherwise) and a
-    grpcio client connected to its Unix socket."""
+    grpcio client connected to its Unix socket. Versions start at 0 so the expectations read
+    1, 2, 3 (the wall-clock base of SPEC §2 is tested in test_restarts.py)."""
     overrides.setdefault("min_gpus", 0)
-    async with open_test_runtime(make_test_config(tmp_path, **overrides)) as rt, \
+    async with open_test_runtime(make_test_config(tmp_path, **overrides),
+                                 version_base=0) as rt, \
             grpcio_channel(rt) as channel:
         yield Grpcio(stubs, channel, rt)
 
@@ -446,8 +455,8 @@ async def test_watch_snapshot_then_live_events(stubs: types.SimpleNamespace,
                 await c.create(c.gpu(name, ("Ready", "True")))
             watch = Watch(c)
             try:
-                # one ADDED per existing GPU, then live events in version order
-                assert await watch.take(2) == [("ADDED", GPU_A, 2), ("ADDED", GPU_C, 1)]
+                # one ADDED per existing GPU (in version order), then live events
+                assert await watch.take(2) == [("ADDED", GPU_C, 1), ("ADDED", GPU_A, 2)]
                 await c.call(c.gpus.UpdateGpuStatus, pb.UpdateGpuStatusRequest(
                     name=GPU_A, status=c.status(("Ready", "False"))))
                 await c.create(c.gpu(GPU_B))
@@ -849,7 +858,7 @@ async def test_shutdown_ends_watch_streams_with_ok(stubs: types.SimpleNamespace,
                 c = Grpcio(stubs, channel, rt)
                 await c.create(c.gpu(GPU_A))
                 watch = Watch(c)
-                assert await watch.next() == ("ADDED", GPU_A, 1)
+                assert (await watch.next())[:2] == ("ADDED", GPU_A)
                 assert await c.health(GPU_SERVICE) == serving
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(rt.shutdown)

@@ -57,7 +57,8 @@ async def server(tmp_path: Path, **overrides: Any) -> AsyncIterator[Runtime]:
     """A server in this trio run. On the way out, wait (bounded) until both ends of every
     connection grpcurl made are closed."""
     overrides.setdefault("min_gpus", 0)
-    async with open_test_runtime(make_test_config(tmp_path, **overrides)) as rt:
+    # Versions from 0, so expectations read "1", "2"... (SPEC §2's base: test_restarts.py).
+    async with open_test_runtime(make_test_config(tmp_path, **overrides), version_base=0) as rt:
         before = open_sockets()
         yield rt
         await wait_sockets_closed(before)
@@ -225,7 +226,7 @@ async def test_watch_streams_json_events(grpcurl: str, tmp_path: Path) -> None:
                         assert rt.core.hub.end(watcher, "evicted", "test")
                         break
             assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
-                ("ADDED", GPU_A), ("ADDED", GPU_B), ("DELETED", GPU_B)]
+                ("ADDED", GPU_B), ("ADDED", GPU_A), ("DELETED", GPU_B)]  # version order
             assert events[2]["object"]["resource_version"] == "3"
 
 

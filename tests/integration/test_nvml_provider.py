@@ -96,7 +96,7 @@ async def test_enumeration_registers_every_gpu_ready(
             assert rt.core.store.state.owners[gpu.metadata.name] == PROVIDER
         stats = poller.statistics()
         assert (stats.enabled, stats.gpus, stats.monitored_gpus) == (True, 3, 3)
-        assert rv(rt) == 3  # one ADDED each, no extra writes
+        assert rv(rt) == rt.core.store.version_base + 3  # one ADDED each, no extra writes
 
 
 # ---- 2, 3. one critical XID, one ignored XID -----------------------------------------------

@@ -72,7 +72,7 @@ async def test_metrics_follow_a_scenario(tmp_path: object) -> None:
         assert value(m, p + "cache_gpus_healthy") == 1
         assert value(m, p + "cache_gpus_unhealthy") == 1
         assert value(m, p + "cache_gpus_unknown") == 1
-        assert value(m, p + "cache_resource_version") == 4
+        assert value(m, p + "cache_resource_version") == rt.core.store.version_base + 4
         assert value(m, p + "cache_updates_total", operation="create") == 3
         assert value(m, p + "cache_updates_total", operation="update_status") == 1
         assert value(m, p + "provider_sessions_active") == 1

@@ -44,12 +44,13 @@ async def take(events: AsyncIterator[pb.WatchGpusResponse], n: int) -> list[pb.W
 
 async def test_snapshot_then_live_in_version_order(tmp_path: object) -> None:
     async def scenario(c: DeviceApiClient) -> None:
-        await c.create(gpu(GPU_B, ("Ready", "True")))
+        created, _ = await c.create(gpu(GPU_B, ("Ready", "True")))
+        base = created.resource_version - 1
         await c.create(gpu(GPU_A, ("Ready", "True")))
         stream = c.watch()
         first = await take(stream, 2)
-        assert [(e.type, e.object.metadata.name) for e in first] == [
-            ("ADDED", GPU_A), ("ADDED", GPU_B)]
+        assert [(e.type, e.object.metadata.name) for e in first] == [  # in version order
+            ("ADDED", GPU_B), ("ADDED", GPU_A)]
         await c.update_status(GPU_A, status("False"))
         await c.create(gpu(GPU_C))
         await c.delete(GPU_B)
@@ -57,7 +58,7 @@ async def test_snapshot_then_live_in_version_order(tmp_path: object) -> None:
         await stream.aclose()
         assert [(e.type, e.object.metadata.name) for e in live] == [
             ("MODIFIED", GPU_A), ("ADDED", GPU_C), ("DELETED", GPU_B)]
-        assert [e.object.resource_version for e in live] == [3, 4, 5]
+        assert [e.object.resource_version - base for e in live] == [3, 4, 5]
         assert live[2].object.status.conditions[0].status == "True"  # last state
 
     await run_client_scenario(make_test_config(tmp_path), scenario)
@@ -78,20 +79,21 @@ async def test_list_then_watch_from_list_version_misses_nothing(tmp_path: object
 
 async def test_resume_and_out_of_range(tmp_path: object) -> None:
     async def scenario(c: DeviceApiClient) -> None:
-        await c.create(gpu(GPU_A))
+        created, _ = await c.create(gpu(GPU_A))
+        base = created.resource_version - 1
         for i in range(10):
             await c.update_status(GPU_A, status("True", f"update {i}"))
-        stream = c.watch(5)
+        stream = c.watch(base + 5)
         events = await take(stream, 6)
         await stream.aclose()
-        assert [e.object.resource_version for e in events] == [6, 7, 8, 9, 10, 11]
+        assert [e.object.resource_version - base for e in events] == [6, 7, 8, 9, 10, 11]
         assert events[0].object.status.conditions[0].message == "update 4"
         with pytest.raises(GRPCError) as too_old:
-            await take(c.watch(1), 1)  # history holds 8 events: 4..11
+            await take(c.watch(base + 1), 1)  # history holds 8 events: 4..11
         assert too_old.value.status == Status.OUT_OF_RANGE
         assert "relist" in (too_old.value.message or "")
         with pytest.raises(GRPCError) as future:
-            await take(c.watch(999), 1)
+            await take(c.watch(base + 999), 1)
         assert future.value.status == Status.OUT_OF_RANGE
 
     await run_client_scenario(make_test_config(tmp_path, watch_history=8), scenario)
@@ -184,7 +186,8 @@ async def test_stalled_watcher_is_evicted_while_ten_others_get_every_event(
                 for i in range(updates):
                     await run_aio(writer.update_status, GPU_A, status("True", f"{i}{big}"))
 
-        expected = list(range(1, updates + 2))
+        base = rt.core.store.version_base
+        expected = list(range(base + 1, base + updates + 2))
         for received in results:
             assert received == expected
         got, error = stalled_result[0]
@@ -192,7 +195,7 @@ async def test_stalled_watcher_is_evicted_while_ten_others_get_every_event(
         message = error.message or ""
         assert "queue_full" in message
         resume = int(message.split("last delivered resource version ")[1].split(";")[0])
-        assert got == list(range(1, resume + 1))  # a prefix with no hole, ending at `resume`
+        assert got == list(range(base + 1, resume + 1))  # a prefix with no hole
         evictions = rt.core.hub.statistics().evictions
         assert evictions == {"queue_full": 1}
 

@@ -71,6 +71,52 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- dir .Values.server.unixSocket }}
 {{- end }}
 
+{{/*
+hostPath directories of the server's sockets as JSON {"dirs": [{"name", "path"}]}: the gRPC
+socket's (volume socket-dir), then the upstream API's and the platform connector's when they are
+on. Sockets in the same directory share one volume (a path may be mounted only once).
+*/}}
+{{- define "device-api-server.socketDirs" -}}
+{{- $main := dir .Values.server.unixSocket }}
+{{- $dirs := list (dict "name" "socket-dir" "path" $main) }}
+{{- $seen := list $main }}
+{{- $extra := list }}
+{{- if .Values.nvsentinelApi.enabled }}
+{{- $extra = append $extra (dict "name" "nvsentinel-api-socket-dir" "path" (dir .Values.nvsentinelApi.socket)) }}
+{{- end }}
+{{- if .Values.platformConnector.enabled }}
+{{- $extra = append $extra (dict "name" "platform-connector-socket-dir" "path" (dir .Values.platformConnector.socket)) }}
+{{- end }}
+{{- range $extra }}
+{{- if not (has .path $seen) }}
+{{- $dirs = append $dirs . }}
+{{- $seen = append $seen .path }}
+{{- end }}
+{{- end }}
+{{- toJson (dict "dirs" $dirs) }}
+{{- end }}
+
+{{/*
+Effective settings of monitoring.<kind> (serviceMonitor or prometheusRule) as JSON: the
+monitoring.<kind> values overlaid, key by key, with metrics.<kind> (the upstream chart's name for
+the same object, which its operations guide sets). Maps (`for`, `labels`) merge one level down.
+Usage: include "device-api-server.monitoring" (list . "serviceMonitor") | fromJson
+*/}}
+{{- define "device-api-server.monitoring" -}}
+{{- $root := index . 0 }}
+{{- $kind := index . 1 }}
+{{- $merged := deepCopy (index $root.Values.monitoring $kind) }}
+{{- $alias := dig $kind (dict) (deepCopy $root.Values.metrics) }}
+{{- range $key, $value := $alias }}
+{{- if and (kindIs "map" $value) (kindIs "map" (get $merged $key)) }}
+{{- $_ := set $merged $key (mergeOverwrite (get $merged $key) $value) }}
+{{- else }}
+{{- $_ := set $merged $key $value }}
+{{- end }}
+{{- end }}
+{{- toJson $merged }}
+{{- end }}
+
 {{/* True ("true") when NVML runs in either mode; the pod then needs the NVIDIA runtime. */}}
 {{- define "device-api-server.nvmlOn" -}}
 {{- if or .Values.nvml.enabled .Values.nvml.sidecar.enabled }}true{{ end }}
@@ -144,6 +190,21 @@ job="{{ include "device-api-server.metricsServiceName" . }}",namespace="{{ .Rele
 - --slow-subscriber-timeout={{ include "device-api-server.num" $s.slowSubscriberTimeout }}
 - --subscribe-rate={{ include "device-api-server.num" $s.subscribeRate }}
 - --subscribe-burst={{ int64 $s.subscribeBurst }}
+{{- with $s.healthAddress }}
+- {{ printf "--health-address=%v" . | quote }}
+{{- end }}
+{{- with $s.metricsAddress }}
+- {{ printf "--metrics-address=%v" . | quote }}
+{{- end }}
+{{- if .Values.nvsentinelApi.enabled }}
+- {{ printf "--nvsentinel-api-socket=%v" .Values.nvsentinelApi.socket | quote }}
+{{- end }}
+{{- if .Values.platformConnector.enabled }}
+- {{ printf "--platform-connector-socket=%v" .Values.platformConnector.socket | quote }}
+{{- end }}
+{{- with $s.problemConditions }}
+- {{ printf "--problem-conditions=%v" (kindIs "slice" . | ternary (join "," .) .) | quote }}
+{{- end }}
 {{- if gt (int64 $s.simulate) 0 }}
 - --simulate={{ int64 $s.simulate }}
 {{- end }}
@@ -158,12 +219,24 @@ job="{{ include "device-api-server.metricsServiceName" . }}",namespace="{{ .Rele
 {{- end }}
 
 {{/* NVML flags shared by the embedded provider and the sidecar. */}}
+{{/*
+nvml.healthCheck as "true"/"false"; the upstream chart's name nvml.healthCheckEnabled (an alias
+documented in values.schema.json) wins when set.
+*/}}
+{{- define "device-api-server.nvmlHealthCheck" -}}
+{{- $n := .Values.nvml }}
+{{- ternary $n.healthCheckEnabled $n.healthCheck (hasKey $n "healthCheckEnabled") | toString }}
+{{- end }}
+
 {{- define "device-api-server.nvmlArgs" -}}
 {{- $n := .Values.nvml }}
+{{- /* the upstream chart's names, documented as aliases in values.schema.json, win when set */}}
+{{- $healthCheck := include "device-api-server.nvmlHealthCheck" . }}
+{{- $ignored := ternary $n.additionalIgnoredXids $n.ignoredXids (hasKey $n "additionalIgnoredXids") }}
 - {{ printf "--nvml-driver-root=%v" $n.driverRoot | quote }}
-- --nvml-health-check={{ $n.healthCheck }}
-{{- if $n.ignoredXids }}
-- {{ printf "--nvml-ignored-xids=%v" $n.ignoredXids | quote }}
+- --nvml-health-check={{ $healthCheck }}
+{{- if $ignored }}
+- {{ printf "--nvml-ignored-xids=%v" $ignored | quote }}
 {{- end }}
 {{- if $n.criticalXids }}
 - {{ printf "--nvml-critical-xids=%v" $n.criticalXids | quote }}

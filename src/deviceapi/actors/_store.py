@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from .._errors import Conflict, InvalidArgument, NotFound, ResourceExhausted
+from .._errors import AlreadyExists, Conflict, InvalidArgument, NotFound, ResourceExhausted
 from ..proto.device.v1alpha1.gpu_pb2 import Condition, Gpu, GpuSpec, GpuStatus, ObjectMeta
+from . import ingest
 
 EventType = Literal["ADDED", "MODIFIED", "DELETED"]
 
@@ -34,6 +36,8 @@ RECOMMENDED_ACTION_MAX = 4096
 NAMESPACE_MAX = 253
 PROVIDER_ID_MAX = 253
 CONDITION_STATUSES = frozenset({"True", "False", "Unknown"})
+#: SPEC §7.1: an empty namespace on a write means this one.
+DEFAULT_NAMESPACE = "default"
 
 #: The condition the server writes when a provider's heartbeat is overdue.
 READY = "Ready"
@@ -53,11 +57,26 @@ class Limits:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """Server-side metadata of one GPU that SPEC §1's messages do not carry, kept so that the
+    merged upstream API (SPEC §7.1) shows the same object on its own socket: a uid (random, set
+    at creation), the generation (1 at creation, +1 whenever the spec changes, through any API)
+    and the creation time. ``created`` is never mutated once stored."""
+
+    uid: str
+    generation: int
+    created: Timestamp
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Event:
-    """One change, as watchers see it. ``gpu`` carries the version the change was stamped with."""
+    """One change, as watchers see it. ``gpu`` carries the version the change was stamped with;
+    ``info`` the server-side metadata at that version (None only for events built outside a
+    transition, e.g. a watch snapshot, which SPEC §7.1's watch never sends)."""
 
     type: EventType
     gpu: Gpu
+    info: ObjectInfo | None = None
 
     @property
     def rv(self) -> int:
@@ -75,6 +94,14 @@ class State:
     #: GPUs whose Ready condition is overridden because their provider's heartbeat is overdue:
     #: name → the Ready condition the provider last wrote (None when it never wrote one).
     masked: Mapping[str, Condition | None] = dataclasses.field(default_factory=dict)
+    #: SPEC §7.2 ingest: per GPU and check, what conditions cannot carry (``ingest.Ledger``).
+    checks: ingest.Ledger = dataclasses.field(default_factory=dict)
+    #: Receipt counter of ingested events (orders fatal events across batches).
+    ingest_seq: int = 0
+    #: Idempotency keys of the last ``ingest.IDEMPOTENCY_KEYS`` applied batches, oldest first.
+    ingest_keys: tuple[str, ...] = ()
+    #: GPU name → its server-side metadata (uid, generation, creation time).
+    info: Mapping[str, ObjectInfo] = dataclasses.field(default_factory=dict)
 
     def owned_by(self, provider: str) -> list[str]:
         """Names of the GPUs ``provider`` owns, sorted."""
@@ -89,15 +116,27 @@ class Result:
     gpu: Gpu | None = None
     created: bool = False
     deleted: bool = False
+    #: An ingested batch: what it did (None for every other command, and for a duplicate).
+    plan: ingest.Plan | None = None
+    #: The server-side metadata of ``gpu`` (SPEC §7.1 answers carry it).
+    info: ObjectInfo | None = None
 
 
 # ---- commands: one closed union of frozen records --------------------------------------------
+
+
+def new_uid() -> str:
+    """A fresh object uid. Drawn when the command is built, so the transition stays pure."""
+    return str(uuid.uuid4())
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CreateGpu:
     gpu: Gpu
     provider: str = ""
+    #: SPEC §7.1: an existing name is ALREADY_EXISTS instead of §1's idempotent answer.
+    exclusive: bool = False
+    uid: str = dataclasses.field(default_factory=new_uid)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -108,6 +147,7 @@ class RegisterGpu:
     spec: GpuSpec
     status: GpuStatus
     provider: str = ""
+    uid: str = dataclasses.field(default_factory=new_uid)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -117,11 +157,26 @@ class UpdateGpu:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class UpdateSpec:
+    """SPEC §7.1 UpdateGpu: replace the spec only. ``namespace`` and ``uid``, when given, must
+    be the stored ones (both are immutable)."""
+
+    name: str
+    spec: GpuSpec
+    namespace: str = ""
+    uid: str = ""
+    expected_rv: int = 0
+    provider: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class UpdateGpuStatus:
     name: str
     status: GpuStatus
     expected_rv: int = 0
     provider: str = ""
+    #: SPEC §7.1 (None elsewhere): the namespace and uid the writer names, checked as UpdateSpec.
+    identity: tuple[str, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -138,6 +193,8 @@ class DeleteGpu:
     name: str
     #: UnregisterGpu answers deleted=False instead of NOT_FOUND for a missing GPU.
     missing_ok: bool = False
+    #: SPEC §7.1: only a GPU in this namespace ("" = any; stored "" is "default").
+    namespace: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -152,6 +209,15 @@ class UnmaskProvider:
     """Heartbeats resumed: restore the Ready condition the provider last wrote."""
 
     provider: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IngestHealthEvents:
+    """SPEC §7.2: one NVSentinel batch, applied whole or not at all. A batch whose
+    ``idempotency_key`` was applied recently answers without applying anything again."""
+
+    events: tuple[ingest.HealthEvent, ...]
+    idempotency_key: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -178,12 +244,14 @@ Command = (
     CreateGpu
     | RegisterGpu
     | UpdateGpu
+    | UpdateSpec
     | UpdateGpuStatus
     | UpdateCondition
     | DeleteGpu
     | MaskProvider
     | UnmaskProvider
     | ClaimGpus
+    | IngestHealthEvents
 )
 
 
@@ -191,10 +259,12 @@ _OPERATIONS: dict[type, str] = {
     CreateGpu: "create",
     RegisterGpu: "register",
     UpdateGpu: "update",
+    UpdateSpec: "update",
     UpdateGpuStatus: "update_status",
     UpdateCondition: "update_condition",
     DeleteGpu: "delete",
     ClaimGpus: "claim",
+    IngestHealthEvents: "ingest",
 }
 
 
@@ -293,13 +363,14 @@ def apply(state: State, command: Command, limits: Limits, now: Timestamp) -> tup
     Raises a DeviceApiError (nothing changes) when the command is invalid or conflicts.
     """
     match command:
-        case CreateGpu(gpu=gpu, provider=provider):
+        case CreateGpu(gpu=gpu, provider=provider, exclusive=exclusive, uid=uid):
             validate_provider(provider)
             return _create(state, _gpu_name(gpu), gpu.spec, gpu.status, gpu.metadata, provider,
-                           limits, now)
-        case RegisterGpu(name=name, spec=spec, status=status, provider=provider):
+                           limits, now, uid, exclusive=exclusive)
+        case RegisterGpu(name=name, spec=spec, status=status, provider=provider, uid=uid):
             validate_provider(provider)
-            return _create(state, name, spec, status, ObjectMeta(name=name), provider, limits, now)
+            return _create(state, name, spec, status, ObjectMeta(name=name), provider, limits, now,
+                           uid)
         case UpdateGpu(gpu=gpu, provider=provider):
             validate_provider(provider)
             name = _gpu_name(gpu)
@@ -310,13 +381,27 @@ def apply(state: State, command: Command, limits: Limits, now: Timestamp) -> tup
             status = _unecho(state, name, gpu.status)
             return _write(state, name, _spec_or_default(name, gpu.spec), status, current,
                           gpu.metadata.namespace, provider, limits, now)
-        case UpdateGpuStatus(name=name, status=status, expected_rv=expected, provider=provider):
+        case UpdateSpec(name=name, spec=spec, namespace=namespace, uid=uid, expected_rv=expected,
+                        provider=provider):
+            validate_provider(provider)
+            validate_name(name, "metadata.name")
+            _check_spec(name, spec)
+            _check_namespace(namespace)
+            current = _existing(state, name, expected)
+            _check_identity(state, current, namespace, uid)
+            status = _provider_view(state, name, current).status  # a masked Ready stays masked
+            return _write(state, name, _spec_or_default(name, spec), status, current,
+                          current.metadata.namespace, provider, limits, now)
+        case UpdateGpuStatus(name=name, status=status, expected_rv=expected, provider=provider,
+                             identity=identity):
             validate_provider(provider)
             validate_name(name)
             if expected < 0:
                 raise InvalidArgument("resource_version must not be negative")
             validate_status(status, limits)
             current = _existing(state, name, expected)
+            if identity is not None:
+                _check_identity(state, current, *identity)
             status = _unecho(state, name, status)
             return _write(state, name, current.spec, status, current,
                           current.metadata.namespace, provider, limits, now)
@@ -329,11 +414,13 @@ def apply(state: State, command: Command, limits: Limits, now: Timestamp) -> tup
             validate_status(status, limits)
             return _write(state, name, current.spec, status, current,
                           current.metadata.namespace, provider, limits, now)
-        case DeleteGpu(name=name, missing_ok=missing_ok):
+        case DeleteGpu(name=name, missing_ok=missing_ok, namespace=namespace):
             validate_name(name)
             if name not in state.gpus and missing_ok:
                 return state, Result(rv=state.rv), []
             current = _existing(state, name, 0)
+            if not in_namespace(current, namespace):
+                raise NotFound(f"gpu {name!r} not found in namespace {namespace!r}")
             return _delete(state, name, current)
         case MaskProvider(provider=provider):
             return _mask(state, provider, now)
@@ -346,6 +433,8 @@ def apply(state: State, command: Command, limits: Limits, now: Timestamp) -> tup
                 if name in state.gpus:
                     owners[name] = provider
             return dataclasses.replace(state, owners=owners), Result(rv=state.rv), []
+        case IngestHealthEvents(events=events, idempotency_key=key):
+            return _ingest(state, events, key, limits, now)
     raise AssertionError(f"unknown command {command!r}")  # pragma: no cover
 
 
@@ -365,6 +454,23 @@ def _spec_or_default(name: str, spec: GpuSpec) -> GpuSpec:
     return spec if spec.uuid else GpuSpec(uuid=name)
 
 
+def in_namespace(gpu: Gpu, namespace: str) -> bool:
+    """SPEC §7.1 reads: "" matches every namespace; a stored "" is "default"."""
+    return not namespace or (gpu.metadata.namespace or DEFAULT_NAMESPACE) == namespace
+
+
+def _check_identity(state: State, current: Gpu, namespace: str, uid: str) -> None:
+    """SPEC §7.1: namespace ("" = "default") and uid ("" = not given) are immutable."""
+    name = current.metadata.name
+    stored = current.metadata.namespace or DEFAULT_NAMESPACE
+    if (namespace or DEFAULT_NAMESPACE) != stored:
+        raise InvalidArgument(
+            f"gpu {name!r} is in namespace {stored!r}; metadata.namespace is immutable")
+    info = state.info.get(name)
+    if uid and info is not None and uid != info.uid:
+        raise InvalidArgument(f"gpu {name!r} has uid {info.uid!r}; metadata.uid is immutable")
+
+
 def _existing(state: State, name: str, expected_rv: int) -> Gpu:
     current = state.gpus.get(name)
     if current is None:
@@ -378,17 +484,21 @@ def _existing(state: State, name: str, expected_rv: int) -> Gpu:
 
 
 def _create(state: State, name: str, spec: GpuSpec, status: GpuStatus, meta: ObjectMeta,
-            provider: str, limits: Limits, now: Timestamp) -> tuple[State, Result, list[Event]]:
+            provider: str, limits: Limits, now: Timestamp, uid: str, *,
+            exclusive: bool = False) -> tuple[State, Result, list[Event]]:
     validate_name(name)
     _check_spec(name, spec)
     validate_status(status, limits)
     _check_namespace(meta.namespace)
     existing = state.gpus.get(name)
+    if existing is not None and exclusive:
+        raise AlreadyExists(f"gpu {name!r} already exists")
     if existing is not None:
         # Idempotent: providers re-register after restarts and rely on this.
         if provider and state.owners.get(name) != provider:
             state = dataclasses.replace(state, owners={**state.owners, name: provider})
-        return state, Result(rv=existing.resource_version, gpu=existing, created=False), []
+        return state, Result(rv=existing.resource_version, gpu=existing, created=False,
+                             info=state.info.get(name)), []
     if len(state.gpus) >= limits.max_gpus:
         raise ResourceExhausted(
             f"the cache already holds the maximum of {limits.max_gpus} GPUs", "max_gpus"
@@ -399,8 +509,11 @@ def _create(state: State, name: str, spec: GpuSpec, status: GpuStatus, meta: Obj
     _check_size(gpu, limits)
     gpus = {**state.gpus, name: gpu}
     owners: Mapping[str, str] = {**state.owners, name: provider} if provider else state.owners
-    new_state = dataclasses.replace(state, rv=rv, gpus=gpus, owners=owners)
-    return new_state, Result(rv=rv, gpu=gpu, created=True), [Event("ADDED", gpu)]
+    info = ObjectInfo(uid=uid, generation=1, created=now)
+    new_state = dataclasses.replace(state, rv=rv, gpus=gpus, owners=owners,
+                                    info={**state.info, name: info})
+    return new_state, Result(rv=rv, gpu=gpu, created=True, info=info), [
+        Event("ADDED", gpu, info)]
 
 
 def _check_namespace(namespace: str) -> None:
@@ -459,8 +572,14 @@ def _write(state: State, name: str, spec: GpuSpec, status: GpuStatus, current: G
         gpu = _build(name, spec, status, shown, namespace, rv)
     gpus = {**state.gpus, name: gpu}
     owners: Mapping[str, str] = {**state.owners, name: provider} if provider else state.owners
-    new_state = State(rv=rv, gpus=gpus, owners=owners, masked=masked)
-    return new_state, Result(rv=rv, gpu=gpu), [Event("MODIFIED", gpu)]
+    info = state.info
+    old_info = info.get(name)
+    if old_info is not None and spec != current.spec:
+        info = {**info, name: dataclasses.replace(old_info, generation=old_info.generation + 1)}
+    new_state = dataclasses.replace(state, rv=rv, gpus=gpus, owners=owners, masked=masked,
+                                    info=info)
+    return new_state, Result(rv=rv, gpu=gpu, info=info.get(name)), [
+        Event("MODIFIED", gpu, info.get(name))]
 
 
 def _delete(state: State, name: str, current: Gpu) -> tuple[State, Result, list[Event]]:
@@ -472,8 +591,12 @@ def _delete(state: State, name: str, current: Gpu) -> tuple[State, Result, list[
     gpus = {k: v for k, v in state.gpus.items() if k != name}
     owners = {k: v for k, v in state.owners.items() if k != name}
     masked = {k: v for k, v in state.masked.items() if k != name}
-    new_state = State(rv=rv, gpus=gpus, owners=owners, masked=masked)
-    return new_state, Result(rv=rv, gpu=None, deleted=True), [Event("DELETED", last)]
+    checks = {k: v for k, v in state.checks.items() if k != name}
+    info = {k: v for k, v in state.info.items() if k != name}
+    new_state = dataclasses.replace(state, rv=rv, gpus=gpus, owners=owners, masked=masked,
+                                    checks=checks, info=info)
+    return new_state, Result(rv=rv, gpu=None, deleted=True), [
+        Event("DELETED", last, state.info.get(name))]
 
 
 def _mask(state: State, provider: str, now: Timestamp) -> tuple[State, Result, list[Event]]:
@@ -521,16 +644,19 @@ def _set_ready(state: State, masked: dict[str, Condition | None],
         gpu = _build(name, current.spec, current.status, conditions, current.metadata.namespace,
                      rv)
         gpus[name] = gpu
-        events.append(Event("MODIFIED", gpu))
-    new_state = State(rv=rv, gpus=gpus, owners=state.owners, masked=masked)
+        events.append(Event("MODIFIED", gpu, state.info.get(name)))
+    new_state = dataclasses.replace(state, rv=rv, gpus=gpus, masked=masked)
     return new_state, Result(rv=rv), events
 
 
-def _upsert_condition(status: GpuStatus, condition: Condition) -> GpuStatus:
-    """Replace the condition of the same type (or append it); the server owns its timestamp."""
+def _upsert_condition(status: GpuStatus, condition: Condition,
+                      keep_time: bool = False) -> GpuStatus:
+    """Replace the condition of the same type (or append it); the server owns its timestamp
+    (``keep_time``: the caller decided it, as ingest does from the event's own time)."""
     incoming = Condition()
     incoming.CopyFrom(condition)
-    incoming.ClearField("last_transition_time")
+    if not keep_time:
+        incoming.ClearField("last_transition_time")
     conditions = [c for c in status.conditions if c.type != condition.type]
     position = next(
         (i for i, c in enumerate(status.conditions) if c.type == condition.type),
@@ -578,3 +704,41 @@ def _check_size(gpu: Gpu, limits: Limits) -> None:
         raise InvalidArgument(
             f"gpu object is {size} bytes, over the limit of {limits.max_object_bytes}"
         )
+
+
+def _ingest(state: State, events: tuple[ingest.HealthEvent, ...], key: str, limits: Limits,
+            now: Timestamp) -> tuple[State, Result, list[Event]]:
+    """Apply a planned batch to every GPU it changes, in name order, one version per GPU; any
+    refusal (too many conditions, an invalid condition, an object too large) refuses it all.
+
+    Ingest never takes ownership of a GPU: ownership decides whose heartbeat masks it, and
+    NVSentinel's monitors send no heartbeats."""
+    if key and key in state.ingest_keys:
+        return state, Result(rv=state.rv), []
+    plan = ingest.plan(events, state.gpus, state.checks, state.ingest_seq)
+    rv = state.rv
+    result_events: list[Event] = []
+    for name, change in plan.changes.items():
+        current = state.gpus[name]
+        status = _provider_view(state, name, current).status
+        for condition in change.conditions:
+            status = _upsert_condition(status, condition, keep_time=True)
+        if change.recommended_action is not None:
+            status = GpuStatus(conditions=status.conditions,
+                               recommended_action=change.recommended_action)
+        if len(status.conditions) > limits.max_conditions:
+            raise ResourceExhausted(
+                f"the batch would give gpu {name!r} {len(status.conditions)} conditions, over "
+                f"the limit of {limits.max_conditions}; nothing of the batch was applied",
+                "max_conditions")
+        validate_status(status, limits)
+        state, _, written = _write(state, name, current.spec, status, current,
+                                   current.metadata.namespace, "", limits, now)
+        result_events.extend(written)
+        rv = state.rv
+    keys = state.ingest_keys
+    if key:
+        keys = (*keys[-(ingest.IDEMPOTENCY_KEYS - 1):], key)
+    state = dataclasses.replace(state, checks=plan.ledger, ingest_seq=plan.seq,
+                                ingest_keys=keys)
+    return state, Result(rv=rv, plan=plan), result_events

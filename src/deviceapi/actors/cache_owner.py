@@ -23,6 +23,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -72,8 +73,29 @@ def wall_clock_now() -> Timestamp:
     return stamp
 
 
+def wall_clock_version_base() -> int:
+    """The resource version a new incarnation starts from: microseconds since the epoch.
+
+    State lives in memory, so every start is a new history; its versions must never collide
+    with versions a client kept from an earlier incarnation (SPEC §2), or a resume or a
+    conditional write carrying an old version would be accepted against a different history.
+    An incarnation that started at wall time t0 and ran until t1 issued at most
+    ``rate * (t1 - t0)`` versions above its base ``µs(t0)``, so the next base ``µs(t1')`` is
+    strictly above all of them as long as (a) writes averaged under one per microsecond (a
+    million a second; this server does tens of thousands at most) and (b) the wall clock did
+    not step back between the two starts by more than the restart took. Microseconds keep
+    versions below 2**53 until the year 2255, so clients that parse the JSON string into a
+    double (JavaScript) still get exact values; the wire types stay int64 / decimal string.
+    """
+    return time.time_ns() // 1000
+
+
 class CacheStore:
-    """State that outlives any one CacheOwner: the snapshot, the history ring, read tickets."""
+    """State that outlives any one CacheOwner: the snapshot, the history ring, read tickets.
+
+    ``version_base`` is the version of the empty state a new incarnation starts from (the
+    first write gets ``version_base + 1``); the runtime passes :func:`wall_clock_version_base`.
+    """
 
     def __init__(
         self,
@@ -82,11 +104,13 @@ class CacheStore:
         mailbox: Mailbox[Write],
         *,
         clock: Callable[[], Timestamp] = wall_clock_now,
+        version_base: int = 0,
     ) -> None:
         self.limits = limits
         self.mailbox = mailbox
         self.clock = clock
-        self._state = State()
+        self.version_base = version_base
+        self._state = State(rv=version_base)
         self._history: collections.deque[Event] = collections.deque(maxlen=history_size)
         self._listeners: list[CommitListener] = []
         self._submitted = 0

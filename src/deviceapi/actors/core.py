@@ -14,7 +14,7 @@ from collections.abc import Callable
 from .._config import Config
 from ._mailbox import Mailbox
 from ._store import Limits
-from .cache_owner import CacheStore, Write
+from .cache_owner import CacheStore, Write, wall_clock_version_base
 from .provider_session import ProviderSessions
 from .readiness import ReadinessGate
 from .watcher import WatchHub
@@ -40,6 +40,8 @@ class Observer:
     on_heartbeat_timeout: Callable[[str], None] = _noop
     on_reject: Callable[[str], None] = _noop
     on_watch_event: Callable[[str, int], None] = _noop_count
+    #: SPEC §7.2 ingest: (outcome, events) — see ``ServerMetrics.count_ingest``.
+    on_ingest: Callable[[str, int], None] = _noop_count
 
 
 @dataclasses.dataclass(slots=True)
@@ -52,14 +54,20 @@ class Core:
     observer: Observer
 
     @classmethod
-    def build(cls, config: Config, observer: Observer | None = None) -> Core:
-        """Wire the state objects; must run inside trio (the hub reads trio's clock)."""
+    def build(cls, config: Config, observer: Observer | None = None, *,
+              version_base: int | None = None) -> Core:
+        """Wire the state objects; must run inside trio (the hub reads trio's clock).
+
+        ``version_base``: the version this incarnation starts from (default: from the wall
+        clock, so versions never repeat across restarts; SPEC §2)."""
         limits = Limits(
             max_gpus=config.max_gpus,
             max_conditions=config.max_conditions,
             max_object_bytes=config.max_object_bytes,
         )
-        store = CacheStore(limits, config.watch_history, Mailbox[Write](WRITE_QUEUE))
+        base = wall_clock_version_base() if version_base is None else version_base
+        store = CacheStore(limits, config.watch_history, Mailbox[Write](WRITE_QUEUE),
+                           version_base=base)
         hub = WatchHub(
             read_state=lambda: store.state,
             events_after=store.events_after,

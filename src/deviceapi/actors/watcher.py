@@ -35,7 +35,7 @@ from ._store import Event, State
 
 log = logging.getLogger("deviceapi.watch")
 
-EndKind = Literal["evicted", "closed", "crashed"]
+EndKind = Literal["evicted", "closed", "crashed", "shutdown"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -55,6 +55,11 @@ class StreamEnd:
         if self.kind == "evicted":
             return (f"watch evicted ({self.reason}): last delivered resource version "
                     f"{self.resume_rv}; {resume}")
+        if self.kind == "shutdown":
+            # A restarted server refuses every version of this one (SPEC §2): resuming there
+            # answers OUT_OF_RANGE, so the advice is to relist.
+            return (f"watch ended ({self.reason}): last delivered resource version "
+                    f"{self.resume_rv}; relist and watch again")
         return f"watch ended ({self.reason}); {resume}"
 
 
@@ -100,6 +105,9 @@ class Subscription:
         self._in_flight = 0
         self._last_progress = now
         self.delivered_events = 0
+        #: Shutdown: end with OK once everything queued has been delivered (SPEC §3).
+        self.draining = False
+        self.drain_reason = ""
 
     @property
     def pending(self) -> int:
@@ -125,6 +133,8 @@ class Subscription:
         self.resume_rv = item.resume_rv
         self._last_progress = now
         self.delivered_events += 1
+        if self.draining and self.pending == 0:
+            self._finish(StreamEnd("closed", self.drain_reason, self.resume_rv))
 
     def stalled(self, now: float, timeout: float) -> bool:
         return self.pending > 0 and now - self._last_progress >= timeout
@@ -216,7 +226,11 @@ class WatchHub:
             )
         state = self._read_state()
         if from_rv == 0:
-            names = sorted(state.gpus)
+            # Version order, not name order: the last snapshot event then carries the highest
+            # version of any GPU, so a client resuming from the last event it received gets
+            # no older state again (SPEC §3's resume contract). Versions after it, up to the
+            # snapshot's, can only be deletions of GPUs the snapshot does not hold.
+            names = sorted(state.gpus, key=lambda name: state.gpus[name].resource_version)
             backlog: Iterator[Delivery] = self._snapshot(state, names)
             size = len(names)
             resume_rv = 0 if names else state.rv
@@ -239,8 +253,8 @@ class WatchHub:
         return sub
 
     def _snapshot(self, state: State, names: list[str]) -> Iterator[Delivery]:
-        """ADDED for every GPU of ``state`` in name order; the last one carries the snapshot's
-        version, the one to resume from once all of them are delivered."""
+        """ADDED for every GPU of ``state`` in the order of ``names``; the last one carries the
+        snapshot's version, the one to resume from once all of them are delivered."""
         last = len(names) - 1
         for index, name in enumerate(names):
             added = self._added(state.gpus[name])
@@ -310,10 +324,30 @@ class WatchHub:
         return sorted(self._subs)
 
     def close_all(self, reason: str = "server shutting down") -> None:
-        """Shutdown: every stream ends with OK; no new subscriptions."""
+        """Shutdown: no new subscriptions; every stream ends with OK once it has delivered
+        every event committed so far (and any committed while it drains), so OK never hides
+        a missing tail (SPEC §3). A stream with nothing pending ends at once; one that cannot
+        be drained in time is ended by :meth:`abort_draining`."""
         self._closed = True
         for sub in list(self._subs.values()):
-            sub._finish(StreamEnd("closed", reason, sub.resume_rv))
+            if sub.end is not None:
+                continue
+            sub.draining = True
+            sub.drain_reason = reason
+            if sub.pending == 0:
+                sub._finish(StreamEnd("closed", reason, sub.resume_rv))
+
+    def abort_draining(self, reason: str = "server shutting down before this watch was "
+                                          "drained") -> int:
+        """Shutdown's deadline: end every stream still draining with a resumable UNAVAILABLE
+        naming the last version it received. Returns how many were ended."""
+        left = [s for s in self._subs.values() if s.end is None]
+        for sub in left:
+            log.warning("watch not drained before shutdown",
+                        extra={"watcher": sub.id, "resource_version": sub.resume_rv,
+                               "reason": f"{sub.pending} events pending"})
+            sub._finish(StreamEnd("shutdown", reason, sub.resume_rv))
+        return len(left)
 
     @property
     def closed(self) -> bool:

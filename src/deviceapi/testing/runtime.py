@@ -49,13 +49,16 @@ async def open_test_runtime(
     faults: FaultHook | None = None,
     observer: Observer | None = None,
     nvml_backend: Callable[[], NvmlBackend] | None = None,
+    version_base: int | None = None,
 ) -> AsyncIterator[Runtime]:
     """Start a server for a test; it is torn down (forcibly) when the block ends.
 
     ``nvml_backend``: with ``enable_nvml_provider=True``, the NVML the embedded provider uses
-    (e.g. ``lambda: fake`` for a :class:`deviceapi.nvml_actor.FakeNvml`)."""
+    (e.g. ``lambda: fake`` for a :class:`deviceapi.nvml_actor.FakeNvml`). ``version_base``:
+    where resource versions start (default: from the wall clock, as the server does; 0 lets
+    a test that is not about restarts write its expected versions as 1, 2, 3...)."""
     async with open_runtime(config or make_test_config(), faults=faults, observer=observer,
-                            nvml_backend=nvml_backend) as rt:
+                            nvml_backend=nvml_backend, version_base=version_base) as rt:
         yield rt
 
 

@@ -210,9 +210,18 @@ async def _host(async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
 
 def _trio_asyncio() -> Any:
     """trio_asyncio, imported on first use: importing it patches asyncio's loop lookup, which a
-    guest-mode process must not have."""
+    guest-mode process must not have.
+
+    grpclib looks up the running task through ``grpclib.utils._current_task``, bound to
+    ``asyncio.current_task`` when grpclib is imported — before this import. On 3.11 the
+    original finds trio-asyncio's loop anyway (it is pure Python and calls the patched loop
+    lookup); from 3.12 it is C code that does not, and every grpclib deadline or cancellation
+    helper then fails with "no running event loop". So hand grpclib the patched lookup too.
+    """
+    import grpclib.utils
     import trio_asyncio
 
+    grpclib.utils._current_task = asyncio.current_task
     return trio_asyncio
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..actors import Reply
+from ..actors import _store as store_ops
 from ..actors._store import Command, Result
 from ..actors.core import Core
 from . import _bridge
@@ -32,3 +33,12 @@ def provider_of(metadata: Any) -> str:
     """The ``x-provider-id`` request header of a GpuService write ("" when absent)."""
     value = metadata.get("x-provider-id", "") if metadata is not None else ""
     return value if isinstance(value, str) else ""
+
+
+def writer_of(core: Core, stream: Any) -> str:
+    """The provider id a write comes from (its ``x-provider-id`` header), validated; its
+    provider session is touched, as on every API's writes (SPEC §4)."""
+    provider = provider_of(stream.metadata)
+    store_ops.validate_provider(provider)
+    core.sessions.touch(provider)
+    return provider

@@ -38,6 +38,7 @@ exactly as for any stream the server resets.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import weakref
@@ -176,6 +177,11 @@ class _LimitedProtocol(H2Protocol):
         self.stream_limit = StreamLimit(h2_connection, self._limit, self._on_refused)
         self.connection.flush()
 
+    def abort(self) -> None:
+        """Drop the connection without flushing (see :meth:`LimitedServer.abort_connections`)."""
+        if self._transport is not None:
+            self._transport.abort()  # a no-op once the connection is gone
+
     def pause_writing(self) -> None:
         super().pause_writing()
         self._transport.pause_reading()  # no-op once closing
@@ -236,3 +242,25 @@ class LimitedServer(Server):
         open socket) until its next call timed out."""
         for protocol in list(self._protocols):
             protocol.close_connection()
+
+    def abort_connections(self) -> None:
+        """Drop every connection at once, unsent data and all: the last step of a shutdown
+        whose connections did not close in time (a client that stopped reading keeps a
+        closing transport waiting for its buffer to drain)."""
+        for protocol in list(self._protocols):
+            protocol.abort()
+
+    async def wait_calls_closed(self) -> None:
+        """Wait until the calls ``close()`` cancelled have finished — not for the connections:
+        grpclib's ``wait_closed`` awaits ``asyncio.Server.wait_closed``, which from Python 3.12
+        waits until every client has disconnected."""
+        handlers = self._handlers
+        if handlers:
+            await asyncio.wait({asyncio.ensure_future(h.wait_closed()) for h in handlers})
+
+    async def wait_connections_closed(self) -> None:
+        """Wait until the listening socket and every connection are closed (after
+        :meth:`close_connections`; the caller bounds it)."""
+        server = self._server
+        if server is not None:
+            await server.wait_closed()

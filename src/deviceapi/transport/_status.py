@@ -15,6 +15,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from .._errors import (
+    AlreadyExists,
     Conflict,
     DeviceApiError,
     InvalidArgument,
@@ -30,6 +31,7 @@ log = logging.getLogger("deviceapi.grpc")
 _CODES: dict[type[DeviceApiError], Status] = {
     InvalidArgument: Status.INVALID_ARGUMENT,
     NotFound: Status.NOT_FOUND,
+    AlreadyExists: Status.ALREADY_EXISTS,
     Conflict: Status.ABORTED,
     ResourceExhausted: Status.RESOURCE_EXHAUSTED,
     OutOfRange: Status.OUT_OF_RANGE,

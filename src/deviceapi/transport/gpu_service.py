@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -22,7 +23,7 @@ from ..actors.core import Core
 from ..actors.watcher import Delivery, StreamEnd, Subscription
 from ..proto.device.v1alpha1 import gpu_grpc
 from ..proto.device.v1alpha1 import gpu_pb2 as pb
-from ._calls import provider_of, read_barrier, write
+from ._calls import read_barrier, write, writer_of
 from ._codec import PreEncoded
 from ._flow import StreamWriter
 from ._limits import recv_request
@@ -37,13 +38,25 @@ LIST_SENDERS = 4
 FINISH_GRACE = 5.0
 
 
-class GpuService(gpu_grpc.GpuServiceBase):
+class Face:
+    """What every wire API's GpuService face shares: the core, error mapping, the consumer-read
+    preamble (readiness gate, read-your-writes) and bounded sending of list answers."""
+
+    service_name = SERVICE
+
     def __init__(self, core: Core) -> None:
         self.core = core
         self._limit = core.config.max_receive_message_bytes
         self._list_cache: tuple[int, bytes] = (-1, b"")
         self._list_senders = asyncio.Semaphore(LIST_SENDERS)
         self._flusher: _Flusher | None = None
+
+    def watch_flusher(self) -> _Flusher:
+        """This face's flusher (made on the first watch, on the handlers' loop)."""
+        if self._flusher is None:
+            self._flusher = _Flusher(asyncio.get_running_loop(),
+                                     self.core.observer.on_watch_event)
+        return self._flusher
 
     def fanout_statistics(self) -> FanoutStatistics:
         """How live watch events were written (all zero before the first watch)."""
@@ -52,14 +65,31 @@ class GpuService(gpu_grpc.GpuServiceBase):
         return self._flusher.statistics()
 
     def _errors(self, method: str) -> contextlib.AbstractContextManager[None]:
-        return rpc_errors(f"{SERVICE}/{method}", self.core.observer.on_reject)
+        return rpc_errors(f"{self.service_name}/{method}", self.core.observer.on_reject)
 
+    async def _read_request(self, stream: Stream[Any, Any]) -> Any:
+        """A consumer read's request, once the gate is open (SPEC §4)."""
+        request = await recv_request(stream, self._limit)
+        self.core.gate.check_read()
+        return request
+
+    async def _send_list(self, stream: Stream[Any, Any], data: bytes) -> None:
+        """Send a serialized list answer.
+
+        grpclib copies the whole answer into a frame buffer per call: with every informer
+        relisting at once that is hundreds of megabytes, so only a few go out at a time, and a
+        client that does not read its answer loses its slot after the slow-subscriber timeout.
+        """
+        async with self._list_senders, asyncio.timeout(self.core.config.slow_subscriber_timeout):
+            await stream.send_message(PreEncoded(data))
+
+
+class GpuService(Face, gpu_grpc.GpuServiceBase):
     # -- reads -------------------------------------------------------------------------------
 
     async def GetGpu(self, stream: Stream[pb.GetGpuRequest, pb.GetGpuResponse]) -> None:
         with self._errors("GetGpu"):
-            request = await recv_request(stream, self._limit)
-            self.core.gate.check_read()
+            request = await self._read_request(stream)
             store_ops.validate_name(request.name)
             await read_barrier(self.core)
             gpu = self.core.store.state.gpus.get(request.name)
@@ -69,15 +99,10 @@ class GpuService(gpu_grpc.GpuServiceBase):
 
     async def ListGpus(self, stream: Stream[pb.ListGpusRequest, pb.ListGpusResponse]) -> None:
         with self._errors("ListGpus"):
-            await recv_request(stream, self._limit)
-            self.core.gate.check_read()
+            await self._read_request(stream)
             await read_barrier(self.core)
             data = self._list_response(self.core.store.state)
-        # grpclib copies the whole answer into a frame buffer per call: with every informer
-        # relisting at once that is hundreds of megabytes, so only a few go out at a time, and a
-        # client that does not read its answer loses its slot after the slow-subscriber timeout.
-        async with self._list_senders, asyncio.timeout(self.core.config.slow_subscriber_timeout):
-            await stream.send_message(cast(pb.ListGpusResponse, PreEncoded(data)))
+        await self._send_list(stream, data)
 
     def _list_response(self, state: State) -> bytes:
         """The serialized ListGpusResponse of ``state``, built once per resource version: a
@@ -94,24 +119,11 @@ class GpuService(gpu_grpc.GpuServiceBase):
     async def WatchGpus(self, stream: Stream[pb.WatchGpusRequest, pb.WatchGpusResponse]) -> None:
         hub = self.core.hub
         with self._errors("WatchGpus"):
-            request = await recv_request(stream, self._limit)
-            self.core.gate.check_read()
+            request = await self._read_request(stream)
             from_rv = store_ops.parse_version(request.opts.resource_version,
                                               "opts.resource_version")
             subscription = hub.subscribe(from_rv)
-        if self._flusher is None:
-            self._flusher = _Flusher(asyncio.get_running_loop(),
-                                     self.core.observer.on_watch_event)
-        try:
-            end = await _pump(stream, subscription, self._flusher,
-                              self.core.observer.on_watch_event,
-                              min(FINISH_GRACE, self.core.config.slow_subscriber_timeout))
-        finally:
-            hub.unsubscribe(subscription)
-        if end.kind == "closed":
-            return  # server shutdown: the stream ends with OK
-        status = Status.RESOURCE_EXHAUSTED if end.kind == "evicted" else Status.UNAVAILABLE
-        raise GRPCError(status, end.message())
+        await serve_watch(self.core, stream, subscription, _as_sent, self.watch_flusher())
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -154,10 +166,30 @@ class GpuService(gpu_grpc.GpuServiceBase):
         await stream.send_message(Empty())
 
     def _provider(self, stream: Stream[Any, Any]) -> str:
-        provider = provider_of(stream.metadata)
-        store_ops.validate_provider(provider)
-        self.core.sessions.touch(provider)
-        return provider
+        return writer_of(self.core, stream)
+
+
+def _as_sent(delivery: Delivery) -> bytes:
+    """SPEC §1 streams send the hub's shared encoding as is."""
+    return delivery.data
+
+
+async def serve_watch(core: Core, stream: Stream[Any, Any], subscription: Subscription,
+                      encode: Callable[[Delivery], bytes | None], flusher: _Flusher) -> None:
+    """Pump ``subscription`` into ``stream`` until it ends, then end the stream as SPEC §3 says:
+    OK on server shutdown once every committed event is sent, RESOURCE_EXHAUSTED on eviction,
+    UNAVAILABLE otherwise (both naming the version to resume from; at shutdown, a stream not
+    drained in time). Every wire API's watch ends this way; ``encode`` is its face
+    (None: this stream does not show that event, e.g. another namespace)."""
+    try:
+        end = await _pump(stream, subscription, flusher, core.observer.on_watch_event,
+                          min(FINISH_GRACE, core.config.slow_subscriber_timeout), encode)
+    finally:
+        core.hub.unsubscribe(subscription)
+    if end.kind == "closed":
+        return  # server shutdown, every committed event delivered: the stream ends OK
+    status = Status.RESOURCE_EXHAUSTED if end.kind == "evicted" else Status.UNAVAILABLE
+    raise GRPCError(status, end.message())
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -181,7 +213,7 @@ class _Flusher:
     scheduled at the first mark writes to all of them (``StreamWriter.write_now``): every event
     committed in the meantime — a CacheOwner batch — goes out in the same write. A stream
     that cannot take its events whole right now (flow control, paused transport) gets its
-    sender task woken, which waits as before.
+    sender task woken, which waits as before. One per face (each face's streams).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
@@ -207,11 +239,8 @@ class _Flusher:
             # closed loop it would also shrink the next batch, so less is coalesced).
             self._loop.call_soon(self._loop.call_soon, self._flush)
 
-    def count(self, batch: list[Delivery]) -> None:
-        if len(batch) == 1:
-            self._counts[batch[0].event.type] += 1
-        else:
-            self._counts.update(d.event.type for d in batch)
+    def count(self, event_type: str, n: int = 1) -> None:
+        self._counts[event_type] += n
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -227,21 +256,24 @@ class _Flusher:
 
 
 class _Pump:
-    """One WatchGpus stream's sending side: the flusher writes while it can, a task when not.
+    """One watch stream's sending side: the flusher writes while it can, a task when not.
 
     The sender task sends the initial backlog and anything the flusher could not write; when
-    it has nothing left it parks (``idle``) and new events are the flusher's to write.
+    it has nothing left it parks (``idle``) and new events are the flusher's to write. An
+    event ``encode`` leaves out counts as delivered in its turn, so the version to resume from
+    stays exact.
     """
 
-    def __init__(self, stream: Stream[pb.WatchGpusRequest, pb.WatchGpusResponse],
-                 subscription: Subscription, flusher: _Flusher,
-                 on_events: Callable[[str, int], None]) -> None:
+    def __init__(self, stream: Stream[Any, Any], subscription: Subscription,
+                 flusher: _Flusher, on_events: Callable[[str, int], None],
+                 encode: Callable[[Delivery], bytes | None]) -> None:
         self.subscription = subscription
         self.writer = StreamWriter(stream)
         self.loop = asyncio.get_running_loop()
         self.ended: asyncio.Future[StreamEnd] = self.loop.create_future()
         self._flusher = flusher
         self._on_events = on_events
+        self._encode = encode
         self._wakeup: asyncio.Future[None] | None = None
         #: Events taken from the subscription that the flusher could not write.
         self._carry: list[Delivery] = []
@@ -266,15 +298,22 @@ class _Pump:
             return
         write_now = self.writer.write_now
         while batch := subscription.take(WATCH_BATCH):
+            payloads = [self._encode(d) for d in batch]
             sent = 0
             while sent < len(batch):  # one frame per write: as many as the window allows
-                count = write_now([d.data for d in batch[sent:]])
+                while sent < len(batch) and payloads[sent] is None:
+                    subscription.delivered(batch[sent], now)
+                    sent += 1
+                run = list(itertools.takewhile(lambda p: p is not None, payloads[sent:]))
+                if not run:
+                    continue
+                count = write_now(cast(list[bytes], run))
                 if not count:
                     break
+                for delivery in batch[sent:sent + count]:
+                    subscription.delivered(delivery, now)
+                    self._flusher.count(delivery.event.type)
                 sent += count
-            for delivery in batch[:sent]:
-                subscription.delivered(delivery, now)
-            self._flusher.count(batch[:sent])
             if sent < len(batch):
                 self._flusher.handed_over += 1
                 self._carry = batch[sent:]
@@ -294,25 +333,36 @@ class _Pump:
                 finally:
                     self._wakeup = None
                 continue
+            payloads = [self._encode(d) for d in batch]
             sent = 0
+            shown: collections.Counter[str] = collections.Counter()
             while sent < len(batch) and subscription.end is None:
-                count = await self.writer.write_some([d.data for d in batch[sent:]])
                 now = trio.current_time()  # the janitor's stall clock
+                while sent < len(batch) and payloads[sent] is None:
+                    subscription.delivered(batch[sent], now)
+                    sent += 1
+                run = list(itertools.takewhile(lambda p: p is not None, payloads[sent:]))
+                if not run:
+                    continue
+                count = await self.writer.write_some(cast(list[bytes], run))
+                now = trio.current_time()
                 for delivery in batch[sent:sent + count]:
                     subscription.delivered(delivery, now)
+                    shown[delivery.event.type] += 1
                 sent += count
-            for event_type, n in collections.Counter(d.event.type for d in batch[:sent]).items():
+            for event_type, n in shown.items():
                 self._on_events(event_type, n)
             if subscription.pending:
                 await asyncio.sleep(0)  # one stream's backlog must not hold up the others
 
 
 async def _pump(
-    stream: Stream[pb.WatchGpusRequest, pb.WatchGpusResponse],
+    stream: Stream[Any, Any],
     subscription: Subscription,
     flusher: _Flusher,
     on_events: Callable[[str, int], None],
     finish_grace: float,
+    encode: Callable[[Delivery], bytes | None],
 ) -> StreamEnd:
     """Send the subscription's events until it ends; return how it ended.
 
@@ -323,7 +373,7 @@ async def _pump(
     to ``finish_grace`` seconds. A send failure (client gone) propagates; cancellation (client
     cancel) cancels the sender.
     """
-    pump = _Pump(stream, subscription, flusher, on_events)
+    pump = _Pump(stream, subscription, flusher, on_events, encode)
     subscription.on_change = pump.on_change
     pump.on_change()  # it may have ended already
     sender = asyncio.ensure_future(pump.send_loop())

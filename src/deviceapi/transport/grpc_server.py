@@ -6,6 +6,11 @@ Both listeners serve the same handler objects. Health (``grpc.health.v1``): name
 provider sidecar can wait for it without waiting for the gate it is meant to open. Reflection
 lets ``grpcurl`` work unchanged.
 
+With ``--nvsentinel-api-socket``, a third grpclib server on its own Unix socket serves the
+merged upstream API (SPEC §7.1, ``nvidia.nvsentinel.v1alpha1.GpuService``) from the same core,
+with its own health name (following readiness) and reflection; it stops, drains and removes its
+socket with the others.
+
 Graceful stop (SPEC §6) is a sequence the app drives: :meth:`GrpcServer.stop_accepting` (close
 the listening sockets; calls on open connections get UNAVAILABLE), then the app ends watch
 streams, then :meth:`GrpcServer.wait_idle` lets in-flight calls finish, then
@@ -20,8 +25,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
-import stat
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -40,7 +43,11 @@ from ._h2limits import LimitedServer
 from ._limits import limit_requests
 from ._reflection import reflection_services
 from .gpu_service import GpuService
+from .nvsentinel_service import NvsentinelGpuService
+from .platform_connector import PlatformConnectorService
 from .provider_service import ProviderService
+from .unix_socket import ClaimedSocket, claim_unix_socket
+from .unix_socket import SocketPathError as SocketPathError  # where callers have imported it
 
 log = logging.getLogger("deviceapi.grpc")
 
@@ -49,49 +56,8 @@ MappingWrapper = Callable[[dict[str, Handler]], dict[str, Handler]]
 
 #: Seconds between the last call finishing and the connections being closed.
 CLOSE_LINGER = 0.2
-
-
-class SocketPathError(RuntimeError):
-    """The Unix socket path is unusable (exists and is not a socket, or is not writable)."""
-
-
-def prepare_socket_path(path: str) -> None:
-    """Create the socket's directory (0750) and remove a stale socket.
-
-    Never deletes anything that is not a socket: a regular file, directory or symlink at the
-    path stops the server with a clear error instead. A directory that already exists is the
-    operator's (it may be /run or /tmp): its mode is left alone.
-    """
-    directory = os.path.dirname(path) or "."
-    try:
-        os.makedirs(directory, mode=0o750)
-    except FileExistsError:
-        if not os.path.isdir(directory):
-            raise SocketPathError(
-                f"--unix-socket {path}: {directory} exists and is not a directory") from None
-    except NotADirectoryError:
-        raise SocketPathError(
-            f"--unix-socket {path}: a parent of {directory} is not a directory") from None
-    else:
-        os.chmod(directory, 0o750)  # makedirs' mode went through the umask
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise SocketPathError(
-            f"--unix-socket {path} exists and is a {_kind(info.st_mode)}, not a socket; "
-            "refusing to replace it")
-    log.info("removing stale socket", extra={"reason": path})
-    os.unlink(path)
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    if stat.S_ISDIR(mode):
-        return "directory"
-    return "regular file" if stat.S_ISREG(mode) else "special file"
+#: Seconds each step of :meth:`GrpcServer.close` may wait before it moves on.
+CLOSE_GRACE = 0.5
 
 
 class _InFlight:
@@ -144,6 +110,8 @@ class _Service:
 class Listeners:
     unix_socket: str | None
     tcp_port: int | None
+    #: SPEC §7.1's socket (None when off).
+    nvsentinel_socket: str | None = None
 
 
 class GrpcServer:
@@ -157,7 +125,7 @@ class GrpcServer:
         observer = core.observer
         self._inflight = _InFlight(lambda: observer.on_reject("unavailable"))
         self._servers: list[LimitedServer] = []
-        self._socket_path: str | None = None
+        self._claims: list[ClaimedSocket] = []
         self.listeners = Listeners(None, None)
         self.gpu_service: GpuService | None = None
         # gRPC health of GpuService follows readiness; one status for every incarnation.
@@ -170,14 +138,27 @@ class GrpcServer:
         provider = ProviderService(self.core)
         # Consumers wait for GpuService (readiness); providers for ProviderService, which
         # serves from the start (provider writes always pass, and they are what opens the gate).
-        health = Health({gpu: [self._serving], provider: []})
+        return self._assemble([gpu, provider], Health({gpu: [self._serving], provider: []}))
+
+    def _nvsentinel_servables(self) -> list[Any]:
+        """SPEC §7.1's socket: its GpuService, health for its name (readiness), reflection."""
+        service = NvsentinelGpuService(self.core)
+        return self._assemble([service], Health({service: [self._serving]}))
+
+    def _platform_connector_servables(self) -> list[Any]:
+        """SPEC §7.2's socket: the ingest service (a provider: SERVING from the start)."""
+        service = PlatformConnectorService(self.core)
+        return self._assemble([service], Health({service: []}))
+
+    def _assemble(self, services: list[Any], health: Health) -> list[Any]:
+        """The services wrapped (metrics, in-flight tracking), then health and reflection."""
         mapped = []
-        for service in (gpu, provider):
+        for service in services:
             mapping = service.__mapping__()
             for wrap in self._wrappers:
                 mapping = wrap(mapping)
             mapped.append(_Service(self._inflight.wrap(mapping)))
-        reflection = reflection_services([gpu, provider, health])
+        reflection = reflection_services([*services, health])
         observer = self.core.observer
         limit = self.config.max_receive_message_bytes
         guarded = [_Service(limit_requests(s.__mapping__(), limit,
@@ -204,14 +185,11 @@ class GrpcServer:
         servables = self._servables()
         try:
             if self.config.unix_socket:
-                path = self.config.unix_socket
-                prepare_socket_path(path)
-                server = self._server(servables)
-                self._servers.append(server)
-                await _bridge.aio_as_trio(server.start)(path=path, backlog=self._backlog())
-                os.chmod(path, 0o660)
-                self._socket_path = path
-                log.info("listening on unix socket", extra={"peer": path})
+                await self._listen_unix(self.config.unix_socket, "--unix-socket", servables)
+            if self.config.platform_connector_socket:
+                await self._listen_unix(self.config.platform_connector_socket,
+                                        "--platform-connector-socket",
+                                        self._platform_connector_servables())
             tcp_port = None
             host_port = self.config.grpc_host_port()
             if host_port is not None:
@@ -228,12 +206,30 @@ class GrpcServer:
                 assert isinstance(listening, asyncio.Server)
                 tcp_port = listening.sockets[0].getsockname()[1]
                 log.info("listening on tcp", extra={"peer": f"{host}:{tcp_port}"})
-            self.listeners = Listeners(self._socket_path, tcp_port)
+            nvsentinel = self.config.nvsentinel_api_socket or None
+            if nvsentinel:
+                await self._listen_unix(nvsentinel, "--nvsentinel-api-socket",
+                                        self._nvsentinel_servables())
+            self.listeners = Listeners(self.config.unix_socket or None, tcp_port, nvsentinel)
             task_status.started(self.listeners)
             await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True):
                 await self.close()
+
+    async def _listen_unix(self, path: str, flag: str, servables: list[Any]) -> None:
+        """Serve ``servables`` on a Unix socket (0660): never a live server's path, and on
+        close removed only if still ours (``unix_socket.claim_unix_socket``)."""
+        claim = claim_unix_socket(path, flag=flag, backlog=self._backlog())
+        self._claims.append(claim)
+        server = self._server(servables)
+        self._servers.append(server)
+        try:
+            await _bridge.aio_as_trio(server.start)(sock=claim.sock, backlog=self._backlog())
+        except BaseException:
+            claim.sock.close()
+            raise
+        log.info("listening on unix socket", extra={"peer": path})
 
     def stop_accepting(self) -> None:
         """Close the listening sockets; calls on open connections now get UNAVAILABLE.
@@ -253,27 +249,43 @@ class GrpcServer:
         await self._inflight.wait_idle()
 
     async def close(self) -> None:
-        """Cancel whatever still runs and wait for the servers to finish (idempotent)."""
+        """Cancel whatever still runs, close every connection, remove the socket (idempotent).
+
+        Bounded whatever clients do: each wait below has its own :data:`CLOSE_GRACE`, and
+        connections that do not close in time are dropped. (From Python 3.12,
+        ``asyncio.Server.wait_closed`` — and so grpclib's ``Server.wait_closed`` — waits until
+        every client has disconnected: an idle client, or the in-process providers' loopback
+        connections, would hold the shutdown until they went away.)
+        """
         servers, self._servers = self._servers, []
-        for server in servers:
-            with contextlib.suppress(RuntimeError):
-                server.close()
-        for server in servers:
-            with contextlib.suppress(RuntimeError):
-                await _bridge.aio_as_trio(server.wait_closed)()
-        if any(server.open_connections for server in servers):
-            # Answers just written may not be read yet, and grpclib's client fails every stream
-            # of a connection that closes: let them land, then close (a client on an idle
-            # connection then fails at once instead of at its deadline).
-            await trio.sleep(CLOSE_LINGER)
+        try:
+            for server in servers:
+                with contextlib.suppress(RuntimeError):
+                    server.close()  # stop accepting; cancel running calls
+            with trio.move_on_after(CLOSE_GRACE):
+                for server in servers:
+                    await _bridge.aio_as_trio(server.wait_calls_closed)()
+                if any(server.open_connections for server in servers):
+                    # Answers just written may not be read yet, and grpclib's client fails
+                    # every stream of a connection that closes: let them land, then close (a
+                    # client on an idle connection then fails at once instead of at its
+                    # deadline).
+                    await trio.sleep(CLOSE_LINGER)
             for server in servers:
                 server.close_connections()
-        self.remove_socket()
+            with trio.move_on_after(CLOSE_GRACE) as waited:
+                for server in servers:
+                    await _bridge.aio_as_trio(server.wait_connections_closed)()
+            if waited.cancelled_caught:
+                log.warning("shutdown: connections did not close in time; dropping them")
+                for server in servers:
+                    server.abort_connections()
+        finally:
+            self.remove_socket()
 
     def remove_socket(self) -> None:
-        """Remove our socket file (only if it is still a socket); idempotent."""
-        path, self._socket_path = self._socket_path, None
-        if path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    os.unlink(path)
+        """Remove our socket files, only those still ours (a successor may have replaced one
+        after our listener closed); idempotent."""
+        claims, self._claims = self._claims, []
+        for claim in claims:
+            claim.release()

@@ -173,19 +173,24 @@ async def serve_http(
     """Serve ``app`` on ``host:port`` until cancelled. Start it with ``nursery.start``, which
     returns the bound port (useful with ``port=0``; with several addresses, the first one's).
 
-    ``host`` None or ``""`` listens on every interface. A bind failure raises ``OSError``
-    naming the address, before ``started`` (so ``nursery.start`` raises it). On cancellation
-    the listeners close and the connections being served are cancelled.
+    ``host`` None or ``""`` listens on every interface. A bind failure (address in use, an
+    address this host does not have, a name that does not resolve) raises ``OSError`` naming
+    the address and port, before ``started`` (so ``nursery.start`` raises it). The original
+    error is not chained: the server prints the innermost cause of a startup failure, and the
+    operator needs the port, which only this one names. On cancellation the listeners close and
+    the connections being served are cancelled.
     """
-    where = f"{host or '*'}:{port}"
+    where = f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
     try:
         listeners = await trio.open_tcp_listeners(port, host=host or None)
     except OSError as exc:
-        raise OSError(exc.errno, f"HTTP listener {where}: {exc.strerror}") from exc
+        reason = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"HTTP listener {where}: {reason}") from None
     slots = trio.Semaphore(limits.max_connections)
     try:
         bound: int = listeners[0].socket.getsockname()[1]
-        log.info("HTTP listening on %s:%d", host or "*", bound)
+        shown = f"[{host}]" if host and ":" in host else host or "*"
+        log.info("HTTP listening on %s:%d", shown, bound)
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 nursery.start_soon(_accept_loop, listener, slots, app, limits)

@@ -67,6 +67,7 @@ UPDATE_OPERATIONS: Final = (
     "update_condition",
     "heartbeat_timeout",
     "heartbeat_restore",
+    "ingest",
 )
 #: ``watch_events_total{type}`` label values (SPEC §3 event types).
 WATCH_EVENT_TYPES: Final = ("ADDED", "MODIFIED", "DELETED")
@@ -85,6 +86,20 @@ REJECT_REASONS: Final = (
     "max_message_bytes",
     "actor_restart",
     "internal",
+)
+#: ``platform_connector_events_total{outcome}`` label values (SPEC §7.2 ingest): every event
+#: received counts once as ``received`` and once as what became of it: ``applied``,
+#: ``store_only`` (STORE_ONLY, not applied), ``unresolved_index_or_pci`` /
+#: ``unresolved_unknown_uuid`` (it named GPUs, none of them held), ``duplicate`` (its batch
+#: repeated an idempotency key already applied) or ``rejected`` (its batch was refused).
+INGEST_OUTCOMES: Final = (
+    "received",
+    "applied",
+    "store_only",
+    "unresolved_index_or_pci",
+    "unresolved_unknown_uuid",
+    "duplicate",
+    "rejected",
 )
 #: ``grpc_type`` label per grpclib cardinality (the names of go-grpc-prometheus).
 GRPC_TYPES: Final[Mapping[Cardinality, str]] = {
@@ -132,9 +147,13 @@ class ServerMetrics:
 
         self.cache_gpus_total = Gauge(p + "cache_gpus_total", "GPUs in the cache.", registry=r)
         self.cache_gpus_healthy = Gauge(
-            p + "cache_gpus_healthy", "GPUs whose conditions are all True.", registry=r)
+            p + "cache_gpus_healthy",
+            "GPUs whose conditions are all healthy (True; False for --problem-conditions).",
+            registry=r)
         self.cache_gpus_unhealthy = Gauge(
-            p + "cache_gpus_unhealthy", "GPUs with at least one False condition.", registry=r)
+            p + "cache_gpus_unhealthy",
+            "GPUs with at least one unhealthy condition (False; True for --problem-conditions).",
+            registry=r)
         self.cache_gpus_unknown = Gauge(
             p + "cache_gpus_unknown",
             "GPUs with no condition, or an Unknown one and no False one.", registry=r)
@@ -181,6 +200,11 @@ class ServerMetrics:
             p + "requests_rejected_total", "Requests refused by a limit or gate, by reason.",
             ["reason"], registry=r)
 
+        self.platform_connector_events = Counter(
+            p + "platform_connector_events_total",
+            "NVSentinel health events on the platform-connector socket, by outcome.",
+            ["outcome"], registry=r)
+
         self.grpc_started = Counter(
             "grpc_server_started_total", "RPCs started on the server.",
             ["grpc_type", "grpc_service", "grpc_method"], registry=r)
@@ -201,6 +225,8 @@ class ServerMetrics:
             self.watch_evictions.labels(reason)
         for reason in REJECT_REASONS:
             self.requests_rejected.labels(reason)
+        for outcome in INGEST_OUTCOMES:
+            self.platform_connector_events.labels(outcome)
         self.set_readiness("WAITING_FOR_PROVIDERS")
 
     # -- scrape-time refresh -------------------------------------------------------------------
@@ -294,6 +320,11 @@ class ServerMetrics:
     def count_heartbeat_timeout(self) -> None:
         """A provider session missed its heartbeat deadline."""
         self.provider_heartbeat_timeouts.inc()
+
+    def count_ingest(self, outcome: str, n: int = 1) -> None:
+        """``n`` ingested events with one outcome (see :data:`INGEST_OUTCOMES`)."""
+        if n:
+            self.platform_connector_events.labels(outcome).inc(n)
 
     # -- gRPC ----------------------------------------------------------------------------------
 

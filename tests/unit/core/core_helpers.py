@@ -72,6 +72,8 @@ def fingerprint(state: State) -> tuple[object, ...]:
             (n, c.SerializeToString(deterministic=True) if c is not None else None)
             for n, c in state.masked.items()
         )),
+        tuple(sorted((n, i.uid, i.generation, i.created.SerializeToString())
+                     for n, i in state.info.items())),
     )
 
 

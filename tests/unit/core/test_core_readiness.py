@@ -137,5 +137,6 @@ async def test_core_build_wires_the_hub_and_the_gate() -> None:
             await core.store.write(register(2))
             assert now(core.gate) is Readiness.READY
             nursery.cancel_scope.cancel()
-    assert [d.event.rv for d in sub.take(10)] == [1, 2]
+    base = core.store.version_base
+    assert [d.event.rv for d in sub.take(10)] == [base + 1, base + 2]
     assert core.hub.max_watchers == 2 and core.hub.queue_size == 4

@@ -84,11 +84,35 @@ async def test_snapshot_then_live_without_duplicate() -> None:
             sub = hub.subscribe(0)
             await store.write(touch(1))
     items = drain(sub)
+    # The snapshot comes in version order (SPEC §3's resume contract), not name order.
     assert [(d.event.type, d.event.gpu.metadata.name) for d in items] == [
-        ("ADDED", name(1)), ("ADDED", name(2)), ("ADDED", name(3)), ("MODIFIED", name(1))]
+        ("ADDED", name(2)), ("ADDED", name(1)), ("ADDED", name(3)), ("MODIFIED", name(1))]
     assert [d.resume_rv for d in items] == [0, 0, 3, 4]  # mid-snapshot: relist
-    assert items[0].event.gpu.resource_version == 2  # the object as stored
+    assert items[1].event.gpu.resource_version == 2  # the object as stored
     assert sub.resume_rv == 4 and sub.pending == 0
+
+
+async def test_resuming_from_the_last_snapshot_event_yields_exactly_the_unseen_events() -> None:
+    """SPEC §3: the last event received (a snapshot event included) is where to resume from.
+    In name order the last snapshot event carried an old version, and resuming from it
+    replayed states the snapshot already held, as older states."""
+    store = make_store()
+    hub = make_hub(store)
+    with trio.fail_after(5):
+        async with running_owner(store):
+            await write_all(store, [register(i) for i in range(1, 6)])
+            await write_all(store, [touch(1), touch(1, "True"), touch(3), touch(5), touch(2)])
+            first = hub.subscribe(0)
+            snapshot = drain(first)
+            hub.unsubscribe(first)
+            last = snapshot[-1].event.rv
+            assert last == store.state.rv  # the snapshot ends at the newest version
+            assert sorted(d.event.rv for d in snapshot) == [d.event.rv for d in snapshot]
+            resumed = hub.subscribe(last)
+            assert drain(resumed) == []  # nothing unseen yet: no replay
+            await store.write(touch(4))
+    assert [(d.event.type, d.event.gpu.metadata.name) for d in drain(resumed)] == [
+        ("MODIFIED", name(4))]
 
 
 async def test_snapshot_excludes_writes_still_queued_and_they_arrive_live() -> None:
@@ -413,6 +437,39 @@ async def test_a_stalled_subscriber_does_not_hold_up_another() -> None:
 # ---- ending streams, statistics --------------------------------------------------------------
 
 
+async def test_shutdown_drains_every_committed_event_before_ok() -> None:
+    """SPEC §3: shutdown first delivers every committed event (the queue used to be cleared:
+    slow streams ended OK with a silent tail missing), including events committed while the
+    stream drains; a stream not drained by the deadline ends UNAVAILABLE naming its last
+    version, never OK."""
+    store = make_store()
+    hub = make_hub(store)
+    with trio.fail_after(5):
+        async with running_owner(store):
+            await store.write(register(1))
+            slow, stuck, idle = hub.subscribe(0), hub.subscribe(0), hub.subscribe(0)
+            drain(idle)
+            await write_all(store, [touch(1, v) for v in ("False", "True") * 5])
+            drain(idle)
+            assert [len(drain(slow, 3)), len(drain(stuck, 4))] == [3, 4]
+            hub.close_all()
+            assert idle.end == StreamEnd("closed", "server shutting down", 11)  # had it all
+            assert slow.end is None and stuck.end is None
+            await store.write(touch(1))  # an in-flight write committing during the drain
+            got = [d.event.rv for d in drain(slow, 5)]
+            assert slow.end is None  # still owes events: no OK yet
+            got += [d.event.rv for d in drain(slow)]
+    assert got == list(range(4, 13))
+    assert slow.end == StreamEnd("closed", "server shutting down", 12)
+    assert hub.abort_draining() == 1  # the deadline: only `stuck` is left
+    assert stuck.end is not None and stuck.end.kind == "shutdown"
+    assert stuck.end.resume_rv == 4
+    assert stuck.end.message() == (
+        "watch ended (server shutting down before this watch was drained): last delivered "
+        "resource version 4; relist and watch again")
+    assert stuck.take(10) == [] and hub.statistics().evictions == {}
+
+
 async def test_close_all_ends_every_stream_closed() -> None:
     store = make_store()
     hub = make_hub(store)
@@ -429,11 +486,14 @@ async def test_close_all_ends_every_stream_closed() -> None:
                 assert [len(out) for out in outs] == [2, 2, 0]
                 hub.close_all()  # the consumers return by themselves
     assert hub.closed
-    for sub in subs:
+    for sub in subs[:2]:
         assert sub.end is not None and sub.end.kind == "closed"
         assert sub.take(10) == []
     assert subs[0].end == StreamEnd("closed", "server shutting down", 2)
-    assert subs[2].end == StreamEnd("closed", "server shutting down", 0)  # took nothing
+    # The third has two events it has not taken: it drains them first (SPEC §3).
+    assert subs[2].end is None and subs[2].draining
+    assert [d.event.rv for d in drain(subs[2])] == [1, 2]
+    assert subs[2].end == StreamEnd("closed", "server shutting down", 2)
     with pytest.raises(Unavailable):
         hub.subscribe(0)
     assert hub.statistics().evictions == {}

@@ -39,9 +39,10 @@ def test_json_lines_parse_and_carry_context_keys() -> None:
     configure_logging("json", 0, out)
     log = logging.getLogger("deviceapi.cache")
     context = {
-        "gpu": "GPU-0a1b", "provider": "nvml", "resource_version": 42, "watcher": 7,
-        "actor": "cache_owner", "supervisor": "core", "reason": "XidCritical", "code": "ABORTED",
-        "method": "/nvidia.device.v1alpha1.GpuService/UpdateGpu", "peer": "unix:",
+        "gpu": "GPU-0a1b", "provider": "nvml", "check": "GpuMemWatch", "resource_version": 42,
+        "watcher": 7, "actor": "cache_owner", "supervisor": "core", "reason": "XidCritical",
+        "code": "ABORTED", "method": "/nvidia.device.v1alpha1.GpuService/UpdateGpu",
+        "peer": "unix:",
     }
     log.info("GPU marked unhealthy", extra=context)
     log.warning("second\nline \u2028 of one event", extra={"gpu": "GPU-1", "unrelated": "x"})

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything a GPU machine can prove, in one run (issue 12): the real-GPU suite (which also starts
+# the server with the embedded NVML provider, both bridges) and `make bench` in both bridges, on
+# that machine's own Python. For a machine without our venv: the wheels of the packages it lacks
+# are carried in .whl/ (see docs/BENCHMARKS.md, "On a GPU machine"); results go to $OUT (or
+# ./gpu-check-out).
+#   NVML_DRIVER_ROOT=/usr/local/nvidia bash scripts/gpu-machine-check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$out"
+root=${NVML_DRIVER_ROOT:-/run/nvidia/driver}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=$PWD/src:/tmp/site
+fi
+export PYTHONUNBUFFERED=1
+status=0
+{ python3 --version; nvidia-smi -L; nproc; } 2>&1 | tee "$out/machine.txt"
+echo "== real-GPU suite ==" | tee -a "$out/machine.txt"
+make --no-print-directory gpu-test PY=python3 NVML_DRIVER_ROOT="$root" PYTEST_ADDOPTS="-s -rA" \
+  2>&1 | tee "$out/gpu-test.log" || status=1
+for bridge in guest trio-asyncio; do
+  echo "== make bench, --bridge $bridge =="
+  timeout 240 python3 -m bench.run --bridge "$bridge" 2>&1 | tee "$out/bench-$bridge.log" || status=1
+  cp bench/results/bench-latest.json "$out/bench-$bridge.json" 2>/dev/null
+done
+exit $status
