@@ -22,8 +22,8 @@ same GPUs, most at 16).
 VUs run as asyncio tasks in ``--procs`` client processes, each VU with its own connection;
 latencies are per call, measured in the client from request to reply. The client side is
 pluggable (``--api``, :mod:`bench.upstream_clients`): ``device`` drives SPEC §1 on
-``--unix-socket``; ``nvsentinel`` will drive SPEC §7.1 on ``--nvsentinel-api-socket`` once its
-adapter is wired (the hook is :func:`bench.upstream_clients.nvsentinel_api`).
+``--unix-socket``; ``nvsentinel`` drives SPEC §7.1 (upstream's own API) on
+``--nvsentinel-api-socket``.
 
 Prints a table per size, writes ``bench/results/upstream-<time>.json`` (and
 ``upstream-latest.json``) and, with matplotlib, ``upstream-<time>.png``.

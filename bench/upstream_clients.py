@@ -9,7 +9,8 @@ the way a k6 VU holds one gRPC connection.
 - ``device``: SPEC §1, ``nvidia.device.v1alpha1.GpuService`` on ``--unix-socket``;
 - ``nvsentinel``: SPEC §7.1, ``nvidia.nvsentinel.v1alpha1.GpuService`` on
   ``--nvsentinel-api-socket`` — the upstream server's own API, the one its k6 test drives.
-  **Hook**: :func:`nvsentinel_api` is where it plugs in once that face is merged (see there).
+
+Another API is one more class of this shape and one more entry in :data:`APIS`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from grpclib.exceptions import GRPCError
 
 from deviceapi.proto.device.v1alpha1 import gpu_grpc
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
+from deviceapi.proto.nvsentinel.v1alpha1 import gpu_grpc as nv_grpc
+from deviceapi.proto.nvsentinel.v1alpha1 import gpu_pb2 as nv
 
 from ._common import RawMessage
 
@@ -98,27 +101,59 @@ class DeviceApi:
         self._channel.close()
 
 
-def nvsentinel_api(socket: str) -> UpstreamApi:
-    """HOOK for SPEC §7.1 (``nvidia.nvsentinel.v1alpha1.GpuService`` on
-    ``--nvsentinel-api-socket``), the upstream server's own API.
+class NvsentinelApi:
+    """SPEC §7.1 (``nvidia.nvsentinel.v1alpha1``): the upstream server's own API, the one its
+    k6 test drives, on ``--nvsentinel-api-socket``. Its ``GpuStatus`` and ``Condition`` have
+    §1's field numbers, so a status is carried over by its bytes."""
 
-    To wire it once that face is merged: write a class like :class:`DeviceApi` on the §7.1
-    stubs and return it here. The differences that matter: ``CreateGpu`` answers the ``Gpu``
-    (ALREADY_EXISTS for an existing name) and takes ``CreateOptions``; ``GetGpu`` answers
-    ``GetGpuResponse{gpu}`` with the version in ``gpu.metadata.resource_version``; ``ListGpus``
-    answers ``ListGpusResponse{gpu_list}``; ``UpdateGpuStatus`` takes the whole ``Gpu``
-    (name in ``metadata.name``, the expected version in ``metadata.resource_version``,
-    ABORTED on a mismatch → raise :class:`Aborted`). Nothing else in bench/upstream.py changes:
-    ``--api nvsentinel`` already starts the server with ``--nvsentinel-api-socket`` and hands
-    this function that socket.
-    """
-    raise NotImplementedError(
-        "the §7.1 client is not wired yet: implement bench.upstream_clients.nvsentinel_api "
-        "(its docstring says how) once nvidia.nvsentinel.v1alpha1 is merged")
+    def __init__(self, socket: str) -> None:
+        self._channel = Channel(path=socket)
+        self._stub = nv_grpc.GpuServiceStub(self._channel)
+        self._list = self._channel.request
+        self.list_bytes = 0
+
+    async def create(self, name: str, status: pb.GpuStatus) -> None:
+        try:
+            await self._stub.CreateGpu(nv.CreateGpuRequest(gpu=nv.Gpu(
+                metadata=nv.ObjectMeta(name=name), spec=nv.GpuSpec(uuid=name),
+                status=nv.GpuStatus.FromString(status.SerializeToString()))),
+                timeout=CALL_TIMEOUT)
+        except GRPCError as exc:
+            if exc.status is not Status.ALREADY_EXISTS:  # upstream's answer to a re-create
+                raise
+
+    async def get(self, name: str) -> str:
+        reply = await self._stub.GetGpu(nv.GetGpuRequest(name=name), timeout=CALL_TIMEOUT)
+        return reply.gpu.metadata.resource_version
+
+    async def list(self) -> int:
+        async with self._list("/nvidia.nvsentinel.v1alpha1.GpuService/ListGpus",
+                              Cardinality.UNARY_UNARY, nv.ListGpusRequest, RawMessage,
+                              timeout=CALL_TIMEOUT) as stream:
+            await stream.send_message(nv.ListGpusRequest(), end=True)
+            reply = await stream.recv_message()
+            await stream.recv_trailing_metadata()
+        assert reply is not None
+        self.list_bytes = len(reply.data)
+        return len(nv.ListGpusResponse.FromString(reply.data).gpu_list.items)
+
+    async def update_status(self, name: str, status: pb.GpuStatus, version: str) -> None:
+        try:
+            await self._stub.UpdateGpuStatus(nv.UpdateGpuStatusRequest(gpu=nv.Gpu(
+                metadata=nv.ObjectMeta(name=name, resource_version=version),
+                status=nv.GpuStatus.FromString(status.SerializeToString()))),
+                timeout=CALL_TIMEOUT)
+        except GRPCError as exc:
+            if exc.status is Status.ABORTED:
+                raise Aborted(exc.message) from None
+            raise
+
+    def close(self) -> None:
+        self._channel.close()
 
 
 #: ``--api`` name → adapter factory (socket path → one VU's connection).
 APIS: dict[str, Callable[[str], UpstreamApi]] = {
     "device": DeviceApi,
-    "nvsentinel": nvsentinel_api,
+    "nvsentinel": NvsentinelApi,
 }
