@@ -16,7 +16,7 @@ Another API is one more class of this shape and one more entry in :data:`APIS`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
@@ -24,8 +24,6 @@ from grpclib.exceptions import GRPCError
 
 from deviceapi.proto.device.v1alpha1 import gpu_grpc
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
-from deviceapi.proto.nvsentinel.v1alpha1 import gpu_grpc as nv_grpc
-from deviceapi.proto.nvsentinel.v1alpha1 import gpu_pb2 as nv
 
 from ._common import RawMessage
 
@@ -101,12 +99,21 @@ class DeviceApi:
         self._channel.close()
 
 
+def _nv() -> Any:
+    from deviceapi.proto.nvsentinel.v1alpha1 import gpu_pb2
+
+    return gpu_pb2
+
+
 class NvsentinelApi:
     """SPEC §7.1 (``nvidia.nvsentinel.v1alpha1``): the upstream server's own API, the one its
     k6 test drives, on ``--nvsentinel-api-socket``. Its ``GpuStatus`` and ``Condition`` have
     §1's field numbers, so a status is carried over by its bytes."""
 
     def __init__(self, socket: str) -> None:
+        # Imported here: a build without the §7.1 face still runs --api device.
+        from deviceapi.proto.nvsentinel.v1alpha1 import gpu_grpc as nv_grpc
+
         self._channel = Channel(path=socket)
         self._stub = nv_grpc.GpuServiceStub(self._channel)
         self._list = self._channel.request
@@ -114,34 +121,34 @@ class NvsentinelApi:
 
     async def create(self, name: str, status: pb.GpuStatus) -> None:
         try:
-            await self._stub.CreateGpu(nv.CreateGpuRequest(gpu=nv.Gpu(
-                metadata=nv.ObjectMeta(name=name), spec=nv.GpuSpec(uuid=name),
-                status=nv.GpuStatus.FromString(status.SerializeToString()))),
+            await self._stub.CreateGpu(_nv().CreateGpuRequest(gpu=_nv().Gpu(
+                metadata=_nv().ObjectMeta(name=name), spec=_nv().GpuSpec(uuid=name),
+                status=_nv().GpuStatus.FromString(status.SerializeToString()))),
                 timeout=CALL_TIMEOUT)
         except GRPCError as exc:
             if exc.status is not Status.ALREADY_EXISTS:  # upstream's answer to a re-create
                 raise
 
     async def get(self, name: str) -> str:
-        reply = await self._stub.GetGpu(nv.GetGpuRequest(name=name), timeout=CALL_TIMEOUT)
+        reply = await self._stub.GetGpu(_nv().GetGpuRequest(name=name), timeout=CALL_TIMEOUT)
         return reply.gpu.metadata.resource_version
 
     async def list(self) -> int:
         async with self._list("/nvidia.nvsentinel.v1alpha1.GpuService/ListGpus",
-                              Cardinality.UNARY_UNARY, nv.ListGpusRequest, RawMessage,
+                              Cardinality.UNARY_UNARY, _nv().ListGpusRequest, RawMessage,
                               timeout=CALL_TIMEOUT) as stream:
-            await stream.send_message(nv.ListGpusRequest(), end=True)
+            await stream.send_message(_nv().ListGpusRequest(), end=True)
             reply = await stream.recv_message()
             await stream.recv_trailing_metadata()
         assert reply is not None
         self.list_bytes = len(reply.data)
-        return len(nv.ListGpusResponse.FromString(reply.data).gpu_list.items)
+        return len(_nv().ListGpusResponse.FromString(reply.data).gpu_list.items)
 
     async def update_status(self, name: str, status: pb.GpuStatus, version: str) -> None:
         try:
-            await self._stub.UpdateGpuStatus(nv.UpdateGpuStatusRequest(gpu=nv.Gpu(
-                metadata=nv.ObjectMeta(name=name, resource_version=version),
-                status=nv.GpuStatus.FromString(status.SerializeToString()))),
+            await self._stub.UpdateGpuStatus(_nv().UpdateGpuStatusRequest(gpu=_nv().Gpu(
+                metadata=_nv().ObjectMeta(name=name, resource_version=version),
+                status=_nv().GpuStatus.FromString(status.SerializeToString()))),
                 timeout=CALL_TIMEOUT)
         except GRPCError as exc:
             if exc.status is Status.ABORTED:

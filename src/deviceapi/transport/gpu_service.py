@@ -222,7 +222,8 @@ class _Flusher:
         self._on_events = on_events
         self._marked: dict[_Pump, None] = {}
         self._scheduled = False
-        self._counts: collections.Counter[str] = collections.Counter()
+        #: Events written in the current flush, by type (the pumps add to it).
+        self.counts: collections.Counter[str] = collections.Counter()
         self._written: collections.Counter[str] = collections.Counter()
         self.flushes = 0
         self.handed_over = 0
@@ -239,9 +240,6 @@ class _Flusher:
             # closed loop it would also shrink the next batch, so less is coalesced).
             self._loop.call_soon(self._loop.call_soon, self._flush)
 
-    def count(self, event_type: str, n: int = 1) -> None:
-        self._counts[event_type] += n
-
     def _flush(self) -> None:
         self._scheduled = False
         self.flushes += 1
@@ -249,7 +247,7 @@ class _Flusher:
         now = trio.current_time()  # the janitor's stall clock
         for pump in marked:
             pump.flush(now)
-        counts, self._counts = self._counts, collections.Counter()
+        counts, self.counts = self.counts, collections.Counter()
         self._written.update(counts)
         for event_type, n in counts.items():
             self._on_events(event_type, n)
@@ -297,22 +295,26 @@ class _Pump:
         if not self.idle or subscription.end is not None:
             return
         write_now = self.writer.write_now
+        delivered = subscription.delivered
+        counts = self._flusher.counts
         while batch := subscription.take(WATCH_BATCH):
             payloads = [self._encode(d) for d in batch]
+            whole = None not in payloads  # the usual case: every event shown
             sent = 0
             while sent < len(batch):  # one frame per write: as many as the window allows
                 while sent < len(batch) and payloads[sent] is None:
-                    subscription.delivered(batch[sent], now)
+                    delivered(batch[sent], now)
                     sent += 1
-                run = list(itertools.takewhile(lambda p: p is not None, payloads[sent:]))
+                run = payloads[sent:] if whole else list(
+                    itertools.takewhile(lambda p: p is not None, payloads[sent:]))
                 if not run:
                     continue
                 count = write_now(cast(list[bytes], run))
                 if not count:
                     break
                 for delivery in batch[sent:sent + count]:
-                    subscription.delivered(delivery, now)
-                    self._flusher.count(delivery.event.type)
+                    delivered(delivery, now)
+                    counts[delivery.event.type] += 1
                 sent += count
             if sent < len(batch):
                 self._flusher.handed_over += 1
