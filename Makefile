@@ -19,7 +19,7 @@ PLATFORM_TESTS := tests/integration tests/hostile/test_hostile_socket.py \
 # The real-GPU suite looks for the driver here (the server's --nvml-driver-root).
 NVML_DRIVER_ROOT ?= /run/nvidia/driver
 
-.PHONY: proto test test-platforms gpu-test lint run bench chaos tools
+.PHONY: proto test test-platforms gpu-test lint run bench bench-fanout bench-upstream chaos tools
 
 # The virtual environment, rebuilt when the dependencies change.
 .venv/.installed: pyproject.toml
@@ -95,8 +95,17 @@ run: .venv/.installed
 	$(PY) -m deviceapi --simulate 8 --unix-socket /tmp/device-api/device.sock --log-format text \
 		--shutdown-delay 0
 
+# The node-scale run, then upstream's k6 workload (issue 15) as its own phase.
 bench:
 	$(PY) -m bench.run
+	$(PY) -m bench.upstream
+
+# Only the fan-out comparison (storms, sustained writes, 32 conditions, each next to its floor).
+bench-fanout:
+	$(PY) -m bench.run --only fanout
+
+bench-upstream:
+	$(PY) -m bench.upstream
 
 chaos:
 	$(PY) -m bench.chaos

@@ -383,7 +383,8 @@ async def _storm(control: Control, options: dict[str, Any]) -> None:
                     control.send(await _fixed_rate(clients(command.get("socket")), owners,
                                                    command))
                 case "sustained":
-                    control.send(await _sustained(clients(None), owners, command))
+                    control.send(await _sustained(clients(command.get("socket")), owners,
+                                                  command))
                 case "grow":
                     control.send(await _grow(socket, owners, command))
     finally:

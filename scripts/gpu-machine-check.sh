@@ -16,14 +16,20 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=$PWD/src:/tmp/site
 fi
 export PYTHONUNBUFFERED=1
+log=$out/run.log
 status=0
-{ python3 --version; nvidia-smi -L; nproc; } 2>&1 | tee "$out/machine.txt"
-echo "== real-GPU suite ==" | tee -a "$out/machine.txt"
-make --no-print-directory gpu-test PY=python3 NVML_DRIVER_ROOT="$root" PYTEST_ADDOPTS="-s -rA" \
-  2>&1 | tee "$out/gpu-test.log" || status=1
+{ python3 --version; nvidia-smi -L; nproc; } 2>&1 | tee "$log"
+echo "== real-GPU suite (make gpu-test) ==" | tee -a "$log"
+if command -v make >/dev/null; then
+  make --no-print-directory gpu-test PY=python3 NVML_DRIVER_ROOT="$root" PYTEST_ADDOPTS="-s -rA"
+else  # the same command as the Makefile's
+  DEVICE_API_NVML_DRIVER_ROOT=$root python3 -m pytest -q -m gpu -p no:cacheprovider -s -rA tests/gpu
+fi 2>&1 | tee -a "$log" || status=1
 for bridge in guest trio-asyncio; do
-  echo "== make bench, --bridge $bridge =="
-  timeout 240 python3 -m bench.run --bridge "$bridge" 2>&1 | tee "$out/bench-$bridge.log" || status=1
+  echo "== make bench (bench.run, then upstream's workload), --bridge $bridge ==" | tee -a "$log"
+  timeout 240 python3 -m bench.run --bridge "$bridge" 2>&1 | tee -a "$log" || status=1
   cp bench/results/bench-latest.json "$out/bench-$bridge.json" 2>/dev/null
+  timeout 120 python3 -m bench.upstream --bridge "$bridge" 2>&1 | tee -a "$log" || status=1
+  cp bench/results/upstream-latest.json "$out/upstream-$bridge.json" 2>/dev/null
 done
 exit $status

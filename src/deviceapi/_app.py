@@ -3,6 +3,7 @@
     root (one_for_one)
     ├── core (rest_for_one): cache_owner → readiness_timer → heartbeat_monitor → watch_janitor
     ├── grpc (the listeners; a crash restarts them on the same socket path)
+    ├── http (healthz/readyz, metrics: after the listeners, so READY is never served before them)
     └── providers (one_for_one, optional): simulator, nvml poller
 
 ``open_runtime`` yields a started :class:`Runtime`: started means every listener is bound and
@@ -201,9 +202,11 @@ async def open_runtime(
                 task_status.started()
 
         children = [
-            ChildSpec("http", run_http),
             ChildSpec("core", core_tree.run, type="supervisor", shutdown=float("inf")),
             ChildSpec("grpc", injectable("grpc", run_grpc), shutdown=config.shutdown_timeout + 5),
+            # After the listeners: /readyz must never answer 200 before the gRPC socket exists
+            # (with --min-gpus 0 the gate is READY at once).
+            ChildSpec("http", run_http),
         ]
         pollers: list[NvmlPoller] = []
         make_backend = nvml_backend or (lambda: PynvmlBackend(config.nvml_driver_root))

@@ -30,8 +30,9 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import select
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence, Sized
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, Literal, TypeVar
 
@@ -43,6 +44,10 @@ from .otp import Reply
 T = TypeVar("T")
 Mode = Literal["trio-asyncio", "guest"]
 MODES: tuple[Mode, ...] = ("trio-asyncio", "guest")
+#: Guest mode, after a crossing (see _HotHost): seconds one quiet poll of the host may sleep,
+#: and quiet polls in a row before trio goes back to waiting in its thread.
+HOT_POLL_S = 0.0005
+HOT_IDLE_POLLS = 40
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -51,6 +56,79 @@ class _Guest:
     token: trio.lowlevel.TrioToken
     #: The main task's context, for trio tasks started on asyncio's behalf (trio_as_aio).
     context: contextvars.Context
+    hot: _HotHost
+
+
+class _HotHost:
+    """Guest mode: keeps trio ticking on the host loop while requests keep coming.
+
+    When trio has nothing to run, guest mode waits for trio's I/O in a worker thread, so each
+    crossing from asyncio into an idle trio costs two thread switches: the worker wakes, takes
+    the GIL, posts the tick back to the host. On a busy machine each switch waits for a CPU
+    (and for the GIL): measured here under load, writes waited tens of milliseconds for their
+    tick and a watch storm's acknowledgements queued for seconds while the server used 10 % of
+    a core (docs/BENCHMARKS.md, issue 15; ``--bridge trio-asyncio``, which has no thread, had
+    half the unary latency).
+
+    So after a crossing, one trio task checkpoints once per host-loop iteration, which keeps
+    trio's ticks on the host (``run_sync_soon_not_threadsafe``, no thread): the next crossings
+    find a tick already scheduled. When the host has nothing queued, the task blocks for at
+    most ``HOT_POLL_S`` in ``select`` on the host selector's own file descriptor — it becomes
+    readable when any of the host's sockets is — so a hot but quiet server sleeps rather than
+    spins, and wakes as soon as a request arrives. After ``HOT_IDLE_POLLS`` quiet polls in a
+    row (about 20 ms without a crossing) the task parks and trio goes back to its thread, so
+    an idle server stays idle. Private attributes of the stdlib loop are read (``_ready``,
+    ``_scheduled``, ``_selector``); a loop without them just never blocks, and parks sooner.
+    """
+
+    __slots__ = ("_fd", "_loop", "_ready", "_scheduled", "_wake", "polls", "ticks")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._ready: Sized = getattr(loop, "_ready", ())
+        self._scheduled: list[asyncio.TimerHandle] = getattr(loop, "_scheduled", [])
+        selector = getattr(loop, "_selector", None)
+        fileno = getattr(selector, "fileno", None)
+        self._fd: int = fileno() if callable(fileno) else -1
+        self._wake = trio.Event()
+        #: Ticks kept on the host, and quiet polls among them (tests read these).
+        self.ticks = 0
+        self.polls = 0
+
+    def kick(self) -> None:
+        """asyncio code just handed trio work: stay hot for a while."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            quiet = 0
+            while quiet < HOT_IDLE_POLLS:
+                if self._wake.is_set():
+                    self._wake = trio.Event()
+                    quiet = 0
+                elif self._ready:
+                    quiet = 0
+                else:
+                    quiet += 1
+                    self._poll()
+                self.ticks += 1
+                await trio.lowlevel.checkpoint()
+
+    def _poll(self) -> None:
+        """Sleep until the host has I/O, a timer due, or ``HOT_POLL_S`` have passed."""
+        if self._fd < 0:
+            return
+        statistics = trio.lowlevel.current_statistics()
+        if statistics.tasks_runnable:
+            return
+        timeout = min(HOT_POLL_S, statistics.seconds_to_next_deadline)
+        if self._scheduled:
+            timeout = min(timeout, self._scheduled[0].when() - self._loop.time())
+        if timeout > 0:
+            self.polls += 1
+            select.select([self._fd], [], [], timeout)
 
 
 #: Set while a guest-mode run is active (one per process: the server's or the sidecar's).
@@ -94,7 +172,11 @@ async def _host(async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
             # trio_asyncio, once imported (by a test process that also used the default),
             # answers "which asyncio loop is running" in trio tasks from its context variable.
             patched.current_loop.set(loop)
-        _guest = _Guest(loop, trio.lowlevel.current_trio_token(), contextvars.copy_context())
+        hot = _HotHost(loop)
+        _guest = _Guest(loop, trio.lowlevel.current_trio_token(), contextvars.copy_context(),
+                        hot)
+        # A system task: trio cancels it when the main task is done.
+        trio.lowlevel.spawn_system_task(hot.run, name="deviceapi.bridge.hot_host")
         try:
             with interrupt:
                 return await async_fn(*args)
@@ -160,6 +242,8 @@ async def call(send: Callable[[Reply[T]], None]) -> T:
     """From asyncio: hand a reply slot to ``send`` (which queues a message) and await it."""
     future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
     send(FutureReply(future))
+    if _guest is not None:
+        _guest.hot.kick()
     return await future
 
 

@@ -162,3 +162,42 @@ def test_ctrl_c_stops_trio_cleanly_and_raises_keyboard_interrupt(mode: _bridge.M
         _bridge.run(main, mode=mode)
     assert cleaned_up == [True]
     assert time.monotonic() - started < 10
+
+
+def test_guest_mode_keeps_trio_on_the_host_while_crossings_come_and_parks_when_idle() -> None:
+    """After a crossing, trio's ticks stay on the host loop (no worker thread) while more
+    crossings follow, sleeping in short polls of the host's selector between them; once they
+    stop, trio parks: an idle server neither spins nor polls."""
+
+    async def main() -> tuple[int, int, int, float]:
+        send, receive = trio.open_memory_channel[Reply[int]](100)
+        guest = _bridge._guest
+        assert guest is not None
+        hot = guest.hot
+
+        async def actor() -> None:
+            async for reply in receive:
+                reply.resolve(outcome.Value(1))
+
+        async def crossings() -> float:  # asyncio code, a few ms apart as requests are
+            started = time.monotonic()
+            for _ in range(50):
+                await _bridge.call(send.send_nowait)
+                await asyncio.sleep(0.002)
+            return (time.monotonic() - started) / 50
+
+        async with _bridge.open_loop(), trio.open_nursery() as nursery:
+            nursery.start_soon(actor)
+            with trio.fail_after(30):
+                per_call = await _bridge.aio_as_trio(crossings)()
+                ticks, polls = hot.ticks, hot.polls
+                await trio.sleep(0.3)  # idle, longer than the linger
+                idle_ticks = hot.ticks
+                await trio.sleep(0.3)
+            nursery.cancel_scope.cancel()
+        return ticks, polls, hot.ticks - idle_ticks, per_call
+
+    ticks, polls, ticks_while_idle, per_call = _bridge.run(main, mode="guest")
+    assert ticks >= 50 and polls >= 1  # hot between the crossings, sleeping in polls
+    assert ticks_while_idle == 0  # parked
+    assert per_call < 0.05

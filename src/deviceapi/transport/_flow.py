@@ -57,11 +57,52 @@ class StreamWriter:
             raw.window_updated.clear()
             await raw.window_updated.wait()
 
-    async def write_some(self, messages: Sequence[bytes]) -> int:
-        """Write the first few of ``messages`` (at least one) in one go; return how many."""
+    async def start(self) -> None:
+        """Send the response headers (once; before any message)."""
         if not self._started:
             await self._stream.send_initial_metadata()
             self._started = True
+
+    def write_now(self, messages: Sequence[bytes]) -> int:
+        """Write the first few of ``messages`` at once, without waiting; return how many.
+
+        0 when they cannot go out whole right now (headers not sent yet, transport paused,
+        window too small, a first message larger than a frame, the stream closed): the caller
+        then leaves them to :meth:`write_some`, which waits, and fails the way grpclib does.
+        This is grpclib's ``Stream.send_data`` for data that fits one frame, minus its awaits
+        (they would not have suspended), so a hub can write to every idle stream in one
+        host-loop callback instead of waking one task per stream.
+        """
+        raw = self._raw
+        stream_id = raw.id
+        if stream_id is None or not self._started or not raw.connection.write_ready.is_set():
+            return 0
+        try:
+            window = self._window()
+            budget = min(window, self._h2.max_outbound_frame_size)
+            parts: list[bytes] = []
+            size = 0
+            for message in messages:
+                framed = _PREFIX.size + len(message)
+                if size + framed > budget:
+                    break
+                parts.append(frame(message))
+                size += framed
+            if not parts:
+                return 0
+            data = b"".join(parts)
+            self._h2.send_data(stream_id, data)
+        except Exception:  # the waiting path meets it again and raises it properly
+            return 0
+        raw._transport.write(self._h2.data_to_send())
+        raw.data_sent += size
+        raw.connection.data_sent += size
+        raw.connection.data_send_process()
+        return len(parts)
+
+    async def write_some(self, messages: Sequence[bytes]) -> int:
+        """Write the first few of ``messages`` (at least one) in one go; return how many."""
+        await self.start()
         first = _PREFIX.size + len(messages[0])
         await self._wait_writable(first)
         budget = max(first, min(self._window(), self._h2.max_outbound_frame_size))

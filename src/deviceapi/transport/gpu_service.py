@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Callable
 from typing import Any, cast
@@ -48,6 +49,20 @@ class Face:
         self._limit = core.config.max_receive_message_bytes
         self._list_cache: tuple[int, bytes] = (-1, b"")
         self._list_senders = asyncio.Semaphore(LIST_SENDERS)
+        self._flusher: _Flusher | None = None
+
+    def watch_flusher(self) -> _Flusher:
+        """This face's flusher (made on the first watch, on the handlers' loop)."""
+        if self._flusher is None:
+            self._flusher = _Flusher(asyncio.get_running_loop(),
+                                     self.core.observer.on_watch_event)
+        return self._flusher
+
+    def fanout_statistics(self) -> FanoutStatistics:
+        """How live watch events were written (all zero before the first watch)."""
+        if self._flusher is None:
+            return FanoutStatistics(0, 0, 0)
+        return self._flusher.statistics()
 
     def _errors(self, method: str) -> contextlib.AbstractContextManager[None]:
         return rpc_errors(f"{self.service_name}/{method}", self.core.observer.on_reject)
@@ -108,7 +123,7 @@ class GpuService(Face, gpu_grpc.GpuServiceBase):
             from_rv = store_ops.parse_version(request.opts.resource_version,
                                               "opts.resource_version")
             subscription = hub.subscribe(from_rv)
-        await serve_watch(self.core, stream, subscription, _as_sent)
+        await serve_watch(self.core, stream, subscription, _as_sent, self.watch_flusher())
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -160,14 +175,14 @@ def _as_sent(delivery: Delivery) -> bytes:
 
 
 async def serve_watch(core: Core, stream: Stream[Any, Any], subscription: Subscription,
-                      encode: Callable[[Delivery], bytes | None]) -> None:
+                      encode: Callable[[Delivery], bytes | None], flusher: _Flusher) -> None:
     """Pump ``subscription`` into ``stream`` until it ends, then end the stream as SPEC §3 says:
     OK on server shutdown once every committed event is sent, RESOURCE_EXHAUSTED on eviction,
     UNAVAILABLE otherwise (both naming the version to resume from; at shutdown, a stream not
     drained in time). Every wire API's watch ends this way; ``encode`` is its face
     (None: this stream does not show that event, e.g. another namespace)."""
     try:
-        end = await _pump(stream, subscription, core.observer.on_watch_event,
+        end = await _pump(stream, subscription, flusher, core.observer.on_watch_event,
                           min(FINISH_GRACE, core.config.slow_subscriber_timeout), encode)
     finally:
         core.hub.unsubscribe(subscription)
@@ -177,44 +192,150 @@ async def serve_watch(core: Core, stream: Stream[Any, Any], subscription: Subscr
     raise GRPCError(status, end.message())
 
 
-async def _pump(
-    stream: Stream[Any, Any],
-    subscription: Subscription,
-    on_events: Callable[[str, int], None],
-    finish_grace: float,
-    encode: Callable[[Delivery], bytes | None],
-) -> StreamEnd:
-    """Send the subscription's events until it ends; return how it ended.
+@dataclasses.dataclass(frozen=True, slots=True)
+class FanoutStatistics:
+    """How live watch events left: written at once by the flusher, or by the streams' tasks."""
 
-    Sending runs in its own task so that an eviction can abandon a client that stopped reading
-    (HTTP/2 flow control) and still end the stream with a status. Nothing is written until a
-    whole group of messages can go at once (see _flow.py); when a large message is already on
-    its way, the eviction lets it finish for up to ``finish_grace`` seconds. A send failure
-    (client gone) propagates; cancellation (client cancel) cancels the sender. An event
-    ``encode`` leaves out counts as delivered in its turn, so the version to resume from stays
-    exact.
+    #: Flusher callbacks run (each writes everything committed since the previous one).
+    flushes: int
+    #: Events the flusher wrote (one per event per stream).
+    written: int
+    #: Times a stream could not take its events whole and its task took over.
+    handed_over: int
+
+
+class _Flusher:
+    """Writes what the hub just queued to every idle watch stream, in one host-loop callback.
+
+    The hub tells each subscription about new events synchronously, inside the commit.
+    Waking one sender task per stream for each event costs a task step per watcher per
+    event; instead the streams whose sender is parked are marked here, and one callback
+    scheduled at the first mark writes to all of them (``StreamWriter.write_now``): every event
+    committed in the meantime — a CacheOwner batch — goes out in the same write. A stream
+    that cannot take its events whole right now (flow control, paused transport) gets its
+    sender task woken, which waits as before. One per face (each face's streams).
     """
-    loop = asyncio.get_running_loop()
-    ended: asyncio.Future[StreamEnd] = loop.create_future()
-    wakeup: asyncio.Future[None] | None = None
-    writer = StreamWriter(stream)
 
-    def on_change() -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 on_events: Callable[[str, int], None]) -> None:
+        self._loop = loop
+        self._on_events = on_events
+        self._marked: dict[_Pump, None] = {}
+        self._scheduled = False
+        #: Events written in the current flush, by type (the pumps add to it).
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._written: collections.Counter[str] = collections.Counter()
+        self.flushes = 0
+        self.handed_over = 0
+
+    def statistics(self) -> FanoutStatistics:
+        return FanoutStatistics(self.flushes, sum(self._written.values()), self.handed_over)
+
+    def mark(self, pump: _Pump) -> None:
+        self._marked[pump] = None
+        if not self._scheduled:
+            self._scheduled = True
+            # Two hops: the writers' handlers, resumed by the same commit, answer first (an
+            # acknowledgement must not wait for hundreds of watch writes; with writes in a
+            # closed loop it would also shrink the next batch, so less is coalesced).
+            self._loop.call_soon(self._loop.call_soon, self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        self.flushes += 1
+        marked, self._marked = self._marked, {}
+        now = trio.current_time()  # the janitor's stall clock
+        for pump in marked:
+            pump.flush(now)
+        counts, self.counts = self.counts, collections.Counter()
+        self._written.update(counts)
+        for event_type, n in counts.items():
+            self._on_events(event_type, n)
+
+
+class _Pump:
+    """One watch stream's sending side: the flusher writes while it can, a task when not.
+
+    The sender task sends the initial backlog and anything the flusher could not write; when
+    it has nothing left it parks (``idle``) and new events are the flusher's to write. An
+    event ``encode`` leaves out counts as delivered in its turn, so the version to resume from
+    stays exact.
+    """
+
+    def __init__(self, stream: Stream[Any, Any], subscription: Subscription,
+                 flusher: _Flusher, on_events: Callable[[str, int], None],
+                 encode: Callable[[Delivery], bytes | None]) -> None:
+        self.subscription = subscription
+        self.writer = StreamWriter(stream)
+        self.loop = asyncio.get_running_loop()
+        self.ended: asyncio.Future[StreamEnd] = self.loop.create_future()
+        self._flusher = flusher
+        self._on_events = on_events
+        self._encode = encode
+        self._wakeup: asyncio.Future[None] | None = None
+        #: Events taken from the subscription that the flusher could not write.
+        self._carry: list[Delivery] = []
+
+    @property
+    def idle(self) -> bool:
+        return self._wakeup is not None and not self._wakeup.done()
+
+    def on_change(self) -> None:
+        """Called by the hub, synchronously: events arrived, or the subscription ended."""
+        subscription = self.subscription
         if subscription.end is not None:
-            if not ended.done():
-                ended.set_result(subscription.end)
-        elif wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
+            if not self.ended.done():
+                self.ended.set_result(subscription.end)
+        elif self.idle:
+            self._flusher.mark(self)
 
-    async def send_loop() -> None:
-        nonlocal wakeup
+    def flush(self, now: float) -> None:
+        """Write what is queued, now, if the stream is idle and can take it whole."""
+        subscription = self.subscription
+        if not self.idle or subscription.end is not None:
+            return
+        write_now = self.writer.write_now
+        delivered = subscription.delivered
+        counts = self._flusher.counts
+        while batch := subscription.take(WATCH_BATCH):
+            payloads = [self._encode(d) for d in batch]
+            whole = None not in payloads  # the usual case: every event shown
+            sent = 0
+            while sent < len(batch):  # one frame per write: as many as the window allows
+                while sent < len(batch) and payloads[sent] is None:
+                    delivered(batch[sent], now)
+                    sent += 1
+                run = payloads[sent:] if whole else list(
+                    itertools.takewhile(lambda p: p is not None, payloads[sent:]))
+                if not run:
+                    continue
+                count = write_now(cast(list[bytes], run))
+                if not count:
+                    break
+                for delivery in batch[sent:sent + count]:
+                    delivered(delivery, now)
+                    counts[delivery.event.type] += 1
+                sent += count
+            if sent < len(batch):
+                self._flusher.handed_over += 1
+                self._carry = batch[sent:]
+                assert self._wakeup is not None
+                self._wakeup.set_result(None)  # the sender takes over (and waits)
+                return
+
+    async def send_loop(self) -> None:
+        subscription = self.subscription
+        await self.writer.start()
         while subscription.end is None:
-            batch = subscription.take(WATCH_BATCH)
+            batch, self._carry = self._carry or subscription.take(WATCH_BATCH), []
             if not batch:
-                wakeup = loop.create_future()
-                await wakeup
+                self._wakeup = self.loop.create_future()
+                try:
+                    await self._wakeup
+                finally:
+                    self._wakeup = None
                 continue
-            payloads = [encode(d) for d in batch]
+            payloads = [self._encode(d) for d in batch]
             sent = 0
             shown: collections.Counter[str] = collections.Counter()
             while sent < len(batch) and subscription.end is None:
@@ -225,23 +346,44 @@ async def _pump(
                 run = list(itertools.takewhile(lambda p: p is not None, payloads[sent:]))
                 if not run:
                     continue
-                count = await writer.write_some(cast(list[bytes], run))
+                count = await self.writer.write_some(cast(list[bytes], run))
                 now = trio.current_time()
                 for delivery in batch[sent:sent + count]:
                     subscription.delivered(delivery, now)
                     shown[delivery.event.type] += 1
                 sent += count
             for event_type, n in shown.items():
-                on_events(event_type, n)
-            await asyncio.sleep(0)  # one stream's backlog must not hold up the others
+                self._on_events(event_type, n)
+            if subscription.pending:
+                await asyncio.sleep(0)  # one stream's backlog must not hold up the others
 
-    subscription.on_change = on_change
-    on_change()  # it may have ended already
-    sender = asyncio.ensure_future(send_loop())
+
+async def _pump(
+    stream: Stream[Any, Any],
+    subscription: Subscription,
+    flusher: _Flusher,
+    on_events: Callable[[str, int], None],
+    finish_grace: float,
+    encode: Callable[[Delivery], bytes | None],
+) -> StreamEnd:
+    """Send the subscription's events until it ends; return how it ended.
+
+    Sending runs in its own task (and in the flusher's callback) so that an eviction can
+    abandon a client that stopped reading (HTTP/2 flow control) and still end the stream with
+    a status. Nothing is written until a whole group of messages can go at once (see
+    _flow.py); when a large message is already on its way, the eviction lets it finish for up
+    to ``finish_grace`` seconds. A send failure (client gone) propagates; cancellation (client
+    cancel) cancels the sender.
+    """
+    pump = _Pump(stream, subscription, flusher, on_events, encode)
+    subscription.on_change = pump.on_change
+    pump.on_change()  # it may have ended already
+    sender = asyncio.ensure_future(pump.send_loop())
+    ended = pump.ended
     try:
         racers: list[asyncio.Future[Any]] = [sender, ended]
         await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
-        if ended.done() and writer.writing:
+        if ended.done() and pump.writer.writing:
             await asyncio.wait([sender], timeout=finish_grace)
     finally:
         subscription.on_change = None

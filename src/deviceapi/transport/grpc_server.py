@@ -127,12 +127,14 @@ class GrpcServer:
         self._servers: list[LimitedServer] = []
         self._claims: list[ClaimedSocket] = []
         self.listeners = Listeners(None, None)
+        self.gpu_service: GpuService | None = None
         # gRPC health of GpuService follows readiness; one status for every incarnation.
         self._serving = ServiceStatus()
         core.gate.add_listener(lambda state: self._serving.set(state is Readiness.READY))
 
     def _servables(self) -> list[Any]:
         gpu = GpuService(self.core)
+        self.gpu_service = gpu  # the current incarnation's (tests read its fan-out figures)
         provider = ProviderService(self.core)
         # Consumers wait for GpuService (readiness); providers for ProviderService, which
         # serves from the start (provider writes always pass, and they are what opens the gate).

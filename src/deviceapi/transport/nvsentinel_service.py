@@ -126,7 +126,7 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
                 return None
             return self._encode(event)
 
-        await serve_watch(self.core, stream, subscription, encode)
+        await serve_watch(self.core, stream, subscription, encode, self.watch_flusher())
 
     def _encode(self, event: Event) -> bytes:
         """One event in this API's wire form, made once and shared by every stream (each event
