@@ -52,7 +52,7 @@ from typing import Any
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
-from deviceapi.sim import simulated_gpu_names
+from deviceapi.providers.sim import simulated_gpu_names
 
 from ._common import cpu_seconds, machine_busy_seconds, percentile
 from .upstream_clients import APIS, Aborted, UpstreamApi

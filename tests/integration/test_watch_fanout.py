@@ -11,7 +11,8 @@ from _gpus import GPU_A, gpu
 from grpclib.client import Channel
 from grpclib.config import Configuration
 
-from deviceapi.actors import _store as ops
+from deviceapi import _bridge
+from deviceapi.cache import _store as ops
 from deviceapi.client import DeviceApiClient
 from deviceapi.proto.device.v1alpha1 import gpu_grpc
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
@@ -22,7 +23,6 @@ from deviceapi.testing.runtime import (
     run_aio,
     wait_until,
 )
-from deviceapi.transport import _bridge
 
 
 def status(message: str) -> pb.GpuStatus:
