@@ -23,6 +23,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from . import __version__, _bridge
+from ._bridge import Bridge
 from ._config import Config, bind_host
 from .cache import health
 from .cache.cache_owner import CacheOwner
@@ -59,6 +60,8 @@ class Runtime:
     metrics: ServerMetrics
     root: Supervisor
     cancel_scope: trio.CancelScope
+    #: The run's trio/asyncio bridge (what crosses goes through it).
+    bridge: Bridge
     #: Every NVML poller incarnation so far (the last one is current); empty without NVML.
     nvml_pollers: list[NvmlPoller] = dataclasses.field(default_factory=list)
 
@@ -148,11 +151,13 @@ async def open_runtime(
     the chaos kit hand in a ``FakeNvml`` factory). ``version_base``: the resource version this
     incarnation starts from; None (the server's only mode) derives it from the wall clock so
     versions never repeat across restarts (SPEC §2)."""
-    async with _bridge.open_loop():
+    bridge = _bridge.current()  # made by the runner (_bridge.run), passed on as a handle
+    async with bridge.open_loop():
         core = Core.build(config, observer, version_base=version_base)
         metrics = ServerMetrics(CollectorRegistry(), version=__version__, node=config.node_name)
         build_metrics(core, metrics)
-        grpc = GrpcServer(core, config, [metrics.instrument, *(grpc_wrappers or [])])
+        grpc = GrpcServer(core, config, [metrics.instrument, *(grpc_wrappers or [])],
+                          bridge=bridge)
         owner = CacheOwner(core.store, faults=faults,
                            on_update=lambda operation: core.observer.on_update(operation))
         restarts = metrics.count_restart
@@ -211,7 +216,7 @@ async def open_runtime(
         pollers: list[NvmlPoller] = []
         make_backend = nvml_backend or (lambda: PynvmlBackend(config.nvml_driver_root))
         provider_specs = _provider_children(config, lambda: listeners_box[-1], metrics,
-                                            injectable, make_backend, pollers)
+                                            injectable, make_backend, pollers, bridge)
         if provider_specs:
             children.append(ChildSpec(
                 "providers",
@@ -223,7 +228,7 @@ async def open_runtime(
         async with trio.open_nursery() as nursery:
             await nursery.start(root.run)
             runtime = Runtime(config, core, grpc, listeners_box[-1], http_ports, metrics, root,
-                              nursery.cancel_scope, pollers)
+                              nursery.cancel_scope, bridge, pollers)
             try:
                 yield runtime
             finally:
@@ -239,18 +244,20 @@ def _bind(fn: Callable[..., Awaitable[None]], *args: object) -> Callable[..., Aw
     return start
 
 
-async def connect_loopback(listeners: Listeners) -> TrioProviderClient:
+async def connect_loopback(listeners: Listeners, bridge: Bridge) -> TrioProviderClient:
     """How an in-process provider reaches this server: through the public API."""
     if listeners.unix_socket:
-        return await TrioProviderClient.connect(unix_socket=listeners.unix_socket)
-    return await TrioProviderClient.connect(address=f"127.0.0.1:{listeners.tcp_port}")
+        return await TrioProviderClient.connect(unix_socket=listeners.unix_socket,
+                                                bridge=bridge)
+    return await TrioProviderClient.connect(address=f"127.0.0.1:{listeners.tcp_port}",
+                                            bridge=bridge)
 
 
 def _provider_children(config: Config, listeners: Callable[[], Listeners],
                        metrics: ServerMetrics,
                        injectable: Callable[[str, StartFn], StartFn],
                        make_backend: Callable[[], NvmlBackend],
-                       pollers: list[NvmlPoller]) -> list[ChildSpec]:
+                       pollers: list[NvmlPoller], bridge: Bridge) -> list[ChildSpec]:
     """Built-in providers (each a child that reaches the server over loopback)."""
     specs: list[ChildSpec] = []
     if config.enable_nvml_provider:
@@ -266,7 +273,7 @@ def _provider_children(config: Config, listeners: Callable[[], Listeners],
         metrics.add_refresher(refresh_nvml)
 
         async def connect() -> ProviderApi:
-            return await connect_loopback(listeners())
+            return await connect_loopback(listeners(), bridge)
 
         options = PollerOptions.from_config(
             config, provider_id=f"nvml-{config.node_name or 'node'}")
@@ -281,7 +288,7 @@ def _provider_children(config: Config, listeners: Callable[[], Listeners],
 
         async def simulator(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                             ) -> None:
-            api = await connect_loopback(listeners())
+            api = await connect_loopback(listeners(), bridge)
             try:
                 provider = SimulatedProvider(
                     api, config.simulate, heartbeat_interval=config.heartbeat_timeout / 3,

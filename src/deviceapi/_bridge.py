@@ -19,8 +19,15 @@ Crossings (the same API in both):
   a worker thread; a task made runnable from asyncio code still runs at once, because trio's
   ``reschedule`` forces a guest tick when its run queue was empty (tests/unit/test_bridge.py
   holds us to that).
-- trio → asyncio: :func:`aio_as_trio` for the few calls into grpclib from trio (starting and
-  closing servers, client calls of the in-process providers).
+- trio → asyncio: :meth:`Bridge.aio_as_trio` for the few calls into grpclib from trio (starting
+  and closing servers, client calls of the in-process providers).
+
+The arrangement is a value, :class:`Bridge`, made by :func:`run` (or, for a plain ``trio.run``
+such as pytest-trio's, on first use) and kept per trio run in a ``RunVar``: no process global,
+so two runs in one process (tests) never see each other's loop. The runner reads it once
+(:func:`current`) and passes it as a handle to what crosses (the gRPC server and its services,
+the in-process clients, the NVML sidecar, the testing runtime). The module-level functions
+are conveniences for code that runs inside a trio run and holds no handle (tests, benches).
 """
 
 from __future__ import annotations
@@ -48,15 +55,6 @@ MODES: tuple[Mode, ...] = ("trio-asyncio", "guest")
 #: and quiet polls in a row before trio goes back to waiting in its thread.
 HOT_POLL_S = 0.0005
 HOT_IDLE_POLLS = 40
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Guest:
-    loop: asyncio.AbstractEventLoop
-    token: trio.lowlevel.TrioToken
-    #: The main task's context, for trio tasks started on asyncio's behalf (trio_as_aio).
-    context: contextvars.Context
-    hot: _HotHost
 
 
 class _HotHost:
@@ -131,13 +129,104 @@ class _HotHost:
             select.select([self._fd], [], [], timeout)
 
 
-#: Set while a guest-mode run is active (one per process: the server's or the sidecar's).
-_guest: _Guest | None = None
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class Bridge:
+    """How this trio run shares its thread with asyncio: the handle every crossing goes through.
+
+    ``guest``: the host loop, the trio token, the main task's context (for trio tasks started on
+    asyncio's behalf) and the hot-host task. ``trio-asyncio``: none of them (trio-asyncio's loop
+    is opened by :meth:`open_loop` and found by trio-asyncio itself).
+    """
+
+    mode: Mode = "trio-asyncio"
+    loop: asyncio.AbstractEventLoop | None = None
+    token: trio.lowlevel.TrioToken | None = None
+    context: contextvars.Context | None = None
+    hot: _HotHost | None = None
+
+    async def call(self, send: Callable[[Reply[T]], None]) -> T:
+        """From asyncio: hand a reply slot to ``send`` (which queues a message) and await it."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        send(FutureReply(future))
+        if self.hot is not None:
+            self.hot.kick()
+        return await future
+
+    def open_loop(self) -> AbstractAsyncContextManager[Any]:
+        """The run's one asyncio loop: opened on top of trio, or (guest mode) the host's."""
+        if self.loop is not None:
+            return _host_loop(self.loop)
+        return _trio_asyncio().open_loop()  # type: ignore[no-any-return]
+
+    def trio_as_aio(self, fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        """Wrap a trio async function so asyncio code can await it (≈93 µs a crossing under
+        trio-asyncio: keep it off hot paths)."""
+        if self.loop is None or self.token is None or self.context is None:
+            return _trio_asyncio().trio_as_aio(fn)  # type: ignore[no-any-return]
+        loop, token, context = self.loop, self.token, self.context
+
+        @functools.wraps(fn)
+        async def wrapper(*args: Any) -> T:
+            future: asyncio.Future[T] = loop.create_future()
+
+            async def in_trio() -> None:
+                result = await outcome.acapture(fn, *args)
+                if not future.done():
+                    _settle(future, result)
+
+            token.run_sync_soon(functools.partial(
+                trio.lowlevel.spawn_system_task, in_trio, context=context.copy()))
+            return await future
+
+        return wrapper
+
+    def aio_as_trio(self, fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        """Wrap an asyncio coroutine function so trio code can await it."""
+        if self.loop is None:
+            return _trio_asyncio().aio_as_trio(fn)  # type: ignore[no-any-return]
+        loop = self.loop
+
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> T:
+            task = asyncio.ensure_future(fn(*args, **kwargs), loop=loop)
+            finished = trio.Event()
+            # Setting a trio Event from an asyncio callback is fine in guest mode: same thread,
+            # between trio ticks, and trio schedules a tick for the woken task.
+            task.add_done_callback(lambda _: finished.set())
+            try:
+                await finished.wait()
+            except BaseException:
+                task.cancel()
+                with trio.CancelScope(shield=True):
+                    await finished.wait()
+                raise
+            return task.result()
+
+        return wrapper
+
+
+#: The bridge of the current trio run (per run, not per process).
+_CURRENT: trio.lowlevel.RunVar[Bridge] = trio.lowlevel.RunVar("deviceapi.bridge")
+
+
+def current() -> Bridge:
+    """The current trio run's bridge (a plain ``trio.run`` gets a trio-asyncio one on first
+    use). Callable from trio tasks and, in either arrangement, from asyncio code of the run
+    (same thread: trio's run context is set while the run is alive)."""
+    try:
+        return _CURRENT.get()
+    except LookupError:
+        bridge = Bridge()
+        _CURRENT.set(bridge)
+        return bridge
 
 
 def mode() -> Mode:
-    """The arrangement of the current run."""
-    return "guest" if _guest is not None else "trio-asyncio"
+    """The arrangement of the current run ("trio-asyncio" outside any run)."""
+    try:
+        return current().mode
+    except RuntimeError:  # not inside a trio run
+        return "trio-asyncio"
 
 
 def run(
@@ -165,24 +254,24 @@ async def _host(async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
     done: asyncio.Future[outcome.Outcome[T]] = loop.create_future()
     interrupt = trio.CancelScope()
 
+    bridges: list[Bridge] = []
+
     async def guest_main() -> T:
-        global _guest
         patched = sys.modules.get("trio_asyncio")
         if patched is not None:
             # trio_asyncio, once imported (by a test process that also used the default),
             # answers "which asyncio loop is running" in trio tasks from its context variable.
             patched.current_loop.set(loop)
         hot = _HotHost(loop)
-        _guest = _Guest(loop, trio.lowlevel.current_trio_token(), contextvars.copy_context(),
-                        hot)
+        bridge = Bridge("guest", loop, trio.lowlevel.current_trio_token(),
+                        contextvars.copy_context(), hot)
+        _CURRENT.set(bridge)
+        bridges.append(bridge)
         # A system task: trio cancels it when the main task is done.
         trio.lowlevel.spawn_system_task(hot.run, name="deviceapi.bridge.hot_host")
-        try:
-            with interrupt:
-                return await async_fn(*args)
-            raise KeyboardInterrupt  # cancelled by Ctrl-C (below), as trio.run would raise
-        finally:
-            _guest = None
+        with interrupt:
+            return await async_fn(*args)
+        raise KeyboardInterrupt  # cancelled by Ctrl-C (below), as trio.run would raise
 
     trio.lowlevel.start_guest_run(
         guest_main,
@@ -199,9 +288,8 @@ async def _host(async_fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
         # Ctrl-C while nothing in trio handles SIGINT (asyncio.Runner then cancels this task):
         # stop the trio side and let it clean up, rather than abandon it half-run. A second
         # Ctrl-C makes the Runner raise KeyboardInterrupt at once.
-        guest = _guest
-        if guest is not None:
-            guest.token.run_sync_soon(interrupt.cancel)
+        if bridges and bridges[0].token is not None:
+            bridges[0].token.run_sync_soon(interrupt.cancel)
         else:
             interrupt.cancel()  # not entered yet: it starts cancelled
         result = await done
@@ -239,48 +327,28 @@ class FutureReply(Generic[T]):
 
 
 async def call(send: Callable[[Reply[T]], None]) -> T:
-    """From asyncio: hand a reply slot to ``send`` (which queues a message) and await it."""
-    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-    send(FutureReply(future))
-    if _guest is not None:
-        _guest.hot.kick()
-    return await future
+    """:meth:`Bridge.call` on the current run's bridge."""
+    return await current().call(send)
 
 
 def open_loop() -> AbstractAsyncContextManager[Any]:
-    """The process's one asyncio loop: opened on top of trio, or (guest mode) the host's."""
-    if _guest is not None:
-        return _host_loop()
-    return _trio_asyncio().open_loop()  # type: ignore[no-any-return]
+    """:meth:`Bridge.open_loop` on the current run's bridge."""
+    return current().open_loop()
 
 
 @contextlib.asynccontextmanager
-async def _host_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
-    assert _guest is not None
-    yield _guest.loop
+async def _host_loop(loop: asyncio.AbstractEventLoop) -> AsyncIterator[asyncio.AbstractEventLoop]:
+    yield loop
 
 
 def trio_as_aio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Wrap a trio async function so asyncio code can await it (≈93 µs a crossing under
-    trio-asyncio: keep it off hot paths)."""
-    if _guest is None:
-        return _trio_asyncio().trio_as_aio(fn)  # type: ignore[no-any-return]
-    guest = _guest
+    """:meth:`Bridge.trio_as_aio` on the current run's bridge."""
+    return current().trio_as_aio(fn)
 
-    @functools.wraps(fn)
-    async def wrapper(*args: Any) -> T:
-        future: asyncio.Future[T] = guest.loop.create_future()
 
-        async def in_trio() -> None:
-            result = await outcome.acapture(fn, *args)
-            if not future.done():
-                _settle(future, result)
-
-        guest.token.run_sync_soon(functools.partial(
-            trio.lowlevel.spawn_system_task, in_trio, context=guest.context.copy()))
-        return await future
-
-    return wrapper
+def aio_as_trio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """:meth:`Bridge.aio_as_trio` on the current run's bridge."""
+    return current().aio_as_trio(fn)
 
 
 def _settle(future: asyncio.Future[T], result: outcome.Outcome[T]) -> None:
@@ -289,28 +357,3 @@ def _settle(future: asyncio.Future[T], result: outcome.Outcome[T]) -> None:
     else:
         assert isinstance(result, outcome.Error)
         future.set_exception(result.error)
-
-
-def aio_as_trio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Wrap an asyncio coroutine function so trio code can await it."""
-    if _guest is None:
-        return _trio_asyncio().aio_as_trio(fn)  # type: ignore[no-any-return]
-    guest = _guest
-
-    @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
-        task = asyncio.ensure_future(fn(*args, **kwargs), loop=guest.loop)
-        finished = trio.Event()
-        # Setting a trio Event from an asyncio callback is fine in guest mode: same thread,
-        # between trio ticks, and trio schedules a tick for the woken task.
-        task.add_done_callback(lambda _: finished.set())
-        try:
-            await finished.wait()
-        except BaseException:
-            task.cancel()
-            with trio.CancelScope(shield=True):
-                await finished.wait()
-            raise
-        return task.result()
-
-    return wrapper

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 
 import outcome
@@ -35,6 +36,44 @@ def test_run_returns_and_reports_the_mode(mode: _bridge.Mode) -> None:
 
     assert _bridge.run(main, mode=mode) == mode
     assert _bridge.mode() == "trio-asyncio"  # nothing left behind after a guest run
+
+
+def test_each_run_has_its_own_bridge_no_process_global() -> None:
+    """The bridge is a value per trio run: a guest run in one thread and a trio-asyncio run in
+    another, at the same time, each see only their own (a process global would leak the guest
+    loop into the other run), and asyncio code of the guest run sees its run's bridge too."""
+    guest_inside = threading.Event()
+    release = threading.Event()
+    seen: dict[str, object] = {}
+
+    async def guest_main() -> None:
+        bridge = _bridge.current()
+        seen["guest"] = bridge
+
+        async def on_asyncio() -> bool:
+            return _bridge.current() is bridge and asyncio.get_running_loop() is bridge.loop
+
+        async with bridge.open_loop():
+            seen["guest_from_asyncio"] = await bridge.aio_as_trio(on_asyncio)()
+        guest_inside.set()
+        await trio.to_thread.run_sync(release.wait)
+
+    thread = threading.Thread(target=_bridge.run, args=(guest_main,), kwargs={"mode": "guest"})
+    thread.start()
+    try:
+        assert guest_inside.wait(30)
+
+        async def plain_main() -> tuple[_bridge.Bridge, _bridge.Mode]:
+            return _bridge.current(), _bridge.mode()
+
+        bridge, mode = _bridge.run(plain_main, mode="trio-asyncio")
+    finally:
+        release.set()
+        thread.join(30)
+    guest = seen["guest"]
+    assert isinstance(guest, _bridge.Bridge) and guest.mode == "guest" and guest.loop is not None
+    assert seen["guest_from_asyncio"] is True
+    assert mode == "trio-asyncio" and bridge.loop is None and bridge is not guest
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -171,9 +210,10 @@ def test_guest_mode_keeps_trio_on_the_host_while_crossings_come_and_parks_when_i
 
     async def main() -> tuple[int, int, int, float]:
         send, receive = trio.open_memory_channel[Reply[int]](100)
-        guest = _bridge._guest
-        assert guest is not None
-        hot = guest.hot
+        bridge = _bridge.current()
+        assert bridge.mode == "guest"
+        hot = bridge.hot
+        assert hot is not None
 
         async def actor() -> None:
             async for reply in receive:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import trio
+
 from .._config import Config
 from ..otp._mailbox import Mailbox
 from ._store import Limits
@@ -52,6 +54,9 @@ class Core:
     gate: ReadinessGate
     sessions: ProviderSessions
     observer: Observer
+    #: The core's clock (trio's, virtual in tests): heartbeats, stall deadlines. Synchronous and
+    #: callable from either loop's code, so transport reads it instead of calling trio.
+    now: Callable[[], float] = trio.current_time
 
     @classmethod
     def build(cls, config: Config, observer: Observer | None = None, *,

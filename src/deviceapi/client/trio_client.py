@@ -12,6 +12,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from .. import _bridge
+from .._bridge import Bridge
 from ..proto.device.v1alpha1 import gpu_pb2 as pb
 from ._client import PROVIDER_SERVICE, DeviceApiClient
 
@@ -24,32 +25,37 @@ class HeartbeatRejected(Exception):
 class TrioProviderClient:
     """Provider calls from trio code, over a real gRPC connection."""
 
-    def __init__(self, client: DeviceApiClient) -> None:
+    def __init__(self, client: DeviceApiClient, bridge: Bridge) -> None:
         self.client = client
+        self._bridge = bridge
 
     @classmethod
     async def connect(cls, *, unix_socket: str | None = None, address: str | None = None,
-                      timeout: float | None = 30.0) -> TrioProviderClient:
-        """Build the connection inside the asyncio loop (grpclib binds to the running loop)."""
+                      timeout: float | None = 30.0,
+                      bridge: Bridge | None = None) -> TrioProviderClient:
+        """Build the connection inside the asyncio loop (grpclib binds to the running loop).
+
+        ``bridge``: the run's (the runner passes its handle; default: the current run's)."""
+        bridge = bridge or _bridge.current()
 
         async def make() -> DeviceApiClient:
             return DeviceApiClient(unix_socket=unix_socket, address=address, timeout=timeout)
 
-        return cls(await _bridge.aio_as_trio(make)())
+        return cls(await bridge.aio_as_trio(make)(), bridge)
 
     async def wait_serving(self) -> None:
-        await _bridge.aio_as_trio(self.client.wait_serving)(PROVIDER_SERVICE)
+        await self._bridge.aio_as_trio(self.client.wait_serving)(PROVIDER_SERVICE)
 
     async def register_gpu(self, *, name: str, provider_id: str,
                            condition: pb.Condition) -> bool:
         status = pb.GpuStatus(conditions=[condition])
-        created, _ = await _bridge.aio_as_trio(self.client.register_gpu)(
+        created, _ = await self._bridge.aio_as_trio(self.client.register_gpu)(
             name=name, provider_id=provider_id, status=status)
         return bool(created)
 
     async def get_condition(self, *, name: str, type_: str) -> pb.Condition | None:
         try:
-            gpu = await _bridge.aio_as_trio(self.client.get)(name)
+            gpu = await self._bridge.aio_as_trio(self.client.get)(name)
         except GRPCError as exc:
             if exc.status is Status.NOT_FOUND:
                 return None
@@ -58,13 +64,13 @@ class TrioProviderClient:
 
     async def update_condition(self, *, name: str, provider_id: str,
                                condition: pb.Condition) -> int:
-        rv = await _bridge.aio_as_trio(self.client.update_condition)(
+        rv = await self._bridge.aio_as_trio(self.client.update_condition)(
             name=name, provider_id=provider_id, condition=condition)
         return int(rv)
 
     async def heartbeat(self, *, provider_id: str, gpu_names: Sequence[str]) -> None:
         """Raises :class:`HeartbeatRejected` when the server lacks some of ``gpu_names``."""
-        acknowledged = await _bridge.aio_as_trio(self.client.heartbeat)(
+        acknowledged = await self._bridge.aio_as_trio(self.client.heartbeat)(
             provider_id=provider_id, gpu_names=list(gpu_names))
         if not acknowledged:
             raise HeartbeatRejected(

@@ -101,7 +101,7 @@ async def open_client(runtime: Runtime, *, provider_id: str = "",
         return DeviceApiClient(unix_socket=runtime.listeners.unix_socket,
                                provider_id=provider_id, timeout=timeout)
 
-    client = await run_aio(make)
+    client: DeviceApiClient = await runtime.bridge.aio_as_trio(make)()
     try:
         yield client
     finally:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import _bridge
+from .._bridge import Bridge
 from ..cache import _store as store_ops
 from ..cache._store import Command, Result
 from ..cache.core import Core
 from ..otp import Reply
 
 
-async def write(core: Core, command: Command) -> Result:
+async def write(bridge: Bridge, core: Core, command: Command) -> Result:
     """Submit a write to the CacheOwner and wait for its result (the direct crossing)."""
-    return await _bridge.call(lambda reply: core.store.submit(command, reply))
+    return await bridge.call(lambda reply: core.store.submit(command, reply))
 
 
-async def read_barrier(core: Core) -> None:
+async def read_barrier(bridge: Bridge, core: Core) -> None:
     """Wait for the writes queued before this read; never for later ones."""
     store = core.store
     ticket = store.ticket()
@@ -26,7 +26,7 @@ async def read_barrier(core: Core) -> None:
     def wait_for_ticket(reply: Reply[None]) -> None:
         store.add_ticket_waiter(ticket, reply)
 
-    await _bridge.call(wait_for_ticket)
+    await bridge.call(wait_for_ticket)
 
 
 def provider_of(metadata: Any) -> str:

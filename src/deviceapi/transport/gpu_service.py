@@ -10,12 +10,12 @@ import itertools
 from collections.abc import Callable
 from typing import Any, cast
 
-import trio
 from google.protobuf.empty_pb2 import Empty
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
+from .._bridge import Bridge
 from .._errors import InvalidArgument, NotFound
 from ..cache import _store as store_ops
 from ..cache._store import State
@@ -44,8 +44,9 @@ class Face:
 
     service_name = SERVICE
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, bridge: Bridge) -> None:
         self.core = core
+        self.bridge = bridge
         self._limit = core.config.max_receive_message_bytes
         self._list_cache: tuple[int, bytes] = (-1, b"")
         self._list_senders = asyncio.Semaphore(LIST_SENDERS)
@@ -55,7 +56,7 @@ class Face:
         """This face's flusher (made on the first watch, on the handlers' loop)."""
         if self._flusher is None:
             self._flusher = _Flusher(asyncio.get_running_loop(),
-                                     self.core.observer.on_watch_event)
+                                     self.core.observer.on_watch_event, self.core.now)
         return self._flusher
 
     def fanout_statistics(self) -> FanoutStatistics:
@@ -91,7 +92,7 @@ class GpuService(Face, gpu_grpc.GpuServiceBase):
         with self._errors("GetGpu"):
             request = await self._read_request(stream)
             store_ops.validate_name(request.name)
-            await read_barrier(self.core)
+            await read_barrier(self.bridge, self.core)
             gpu = self.core.store.state.gpus.get(request.name)
             if gpu is None:
                 raise NotFound(f"gpu {request.name!r} not found")
@@ -100,7 +101,7 @@ class GpuService(Face, gpu_grpc.GpuServiceBase):
     async def ListGpus(self, stream: Stream[pb.ListGpusRequest, pb.ListGpusResponse]) -> None:
         with self._errors("ListGpus"):
             await self._read_request(stream)
-            await read_barrier(self.core)
+            await read_barrier(self.bridge, self.core)
             data = self._list_response(self.core.store.state)
         await self._send_list(stream, data)
 
@@ -133,7 +134,7 @@ class GpuService(Face, gpu_grpc.GpuServiceBase):
             if not request.HasField("gpu"):
                 raise InvalidArgument("gpu is required")
             provider = self._provider(stream)
-            result = await write(self.core, store_ops.CreateGpu(request.gpu, provider))
+            result = await write(self.bridge, self.core, store_ops.CreateGpu(request.gpu, provider))
         await stream.send_message(pb.CreateGpuResponse(gpu=result.gpu, created=result.created))
 
     async def UpdateGpu(self, stream: Stream[pb.UpdateGpuRequest, pb.UpdateGpuResponse]) -> None:
@@ -142,7 +143,7 @@ class GpuService(Face, gpu_grpc.GpuServiceBase):
             if not request.HasField("gpu"):
                 raise InvalidArgument("gpu is required")
             provider = self._provider(stream)
-            result = await write(self.core, store_ops.UpdateGpu(request.gpu, provider))
+            result = await write(self.bridge, self.core, store_ops.UpdateGpu(request.gpu, provider))
         await stream.send_message(pb.UpdateGpuResponse(gpu=result.gpu))
 
     async def UpdateGpuStatus(
@@ -155,14 +156,14 @@ class GpuService(Face, gpu_grpc.GpuServiceBase):
             if not request.HasField("status"):
                 raise InvalidArgument("status is required")
             provider = self._provider(stream)
-            result = await write(self.core, store_ops.UpdateGpuStatus(
+            result = await write(self.bridge, self.core, store_ops.UpdateGpuStatus(
                 request.name, request.status, request.resource_version, provider))
         await stream.send_message(pb.UpdateGpuStatusResponse(gpu=result.gpu))
 
     async def DeleteGpu(self, stream: Stream[pb.DeleteGpuRequest, Empty]) -> None:
         with self._errors("DeleteGpu"):
             request = await recv_request(stream, self._limit)
-            await write(self.core, store_ops.DeleteGpu(request.name))
+            await write(self.bridge, self.core, store_ops.DeleteGpu(request.name))
         await stream.send_message(Empty())
 
     def _provider(self, stream: Stream[Any, Any]) -> str:
@@ -217,8 +218,10 @@ class _Flusher:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
-                 on_events: Callable[[str, int], None]) -> None:
+                 on_events: Callable[[str, int], None], now: Callable[[], float]) -> None:
         self._loop = loop
+        #: The core's clock, which the janitor's stall deadlines use.
+        self.now = now
         self._on_events = on_events
         self._marked: dict[_Pump, None] = {}
         self._scheduled = False
@@ -244,7 +247,7 @@ class _Flusher:
         self._scheduled = False
         self.flushes += 1
         marked, self._marked = self._marked, {}
-        now = trio.current_time()  # the janitor's stall clock
+        now = self.now()  # the janitor's stall clock
         for pump in marked:
             pump.flush(now)
         counts, self.counts = self.counts, collections.Counter()
@@ -339,7 +342,7 @@ class _Pump:
             sent = 0
             shown: collections.Counter[str] = collections.Counter()
             while sent < len(batch) and subscription.end is None:
-                now = trio.current_time()  # the janitor's stall clock
+                now = self._flusher.now()  # the janitor's stall clock
                 while sent < len(batch) and payloads[sent] is None:
                     subscription.delivered(batch[sent], now)
                     sent += 1
@@ -347,7 +350,7 @@ class _Pump:
                 if not run:
                     continue
                 count = await self.writer.write_some(cast(list[bytes], run))
-                now = trio.current_time()
+                now = self._flusher.now()
                 for delivery in batch[sent:sent + count]:
                     subscription.delivered(delivery, now)
                     shown[delivery.event.type] += 1

@@ -34,7 +34,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 
-from .. import _bridge
+from .._bridge import Bridge
 from .._config import Config
 from ..cache.core import Core
 from ..cache.readiness import Readiness
@@ -118,8 +118,9 @@ class GrpcServer:
     """Owns the grpclib servers of one runtime. Build and run it inside the bridge's loop."""
 
     def __init__(self, core: Core, config: Config,
-                 wrappers: Iterable[MappingWrapper] = ()) -> None:
+                 wrappers: Iterable[MappingWrapper] = (), *, bridge: Bridge) -> None:
         self.core = core
+        self.bridge = bridge
         self.config = config
         self._wrappers = list(wrappers)
         observer = core.observer
@@ -133,21 +134,21 @@ class GrpcServer:
         core.gate.add_listener(lambda state: self._serving.set(state is Readiness.READY))
 
     def _servables(self) -> list[Any]:
-        gpu = GpuService(self.core)
+        gpu = GpuService(self.core, self.bridge)
         self.gpu_service = gpu  # the current incarnation's (tests read its fan-out figures)
-        provider = ProviderService(self.core)
+        provider = ProviderService(self.core, self.bridge)
         # Consumers wait for GpuService (readiness); providers for ProviderService, which
         # serves from the start (provider writes always pass, and they are what opens the gate).
         return self._assemble([gpu, provider], Health({gpu: [self._serving], provider: []}))
 
     def _nvsentinel_servables(self) -> list[Any]:
         """SPEC §7.1's socket: its GpuService, health for its name (readiness), reflection."""
-        service = NvsentinelGpuService(self.core)
+        service = NvsentinelGpuService(self.core, self.bridge)
         return self._assemble([service], Health({service: [self._serving]}))
 
     def _platform_connector_servables(self) -> list[Any]:
         """SPEC §7.2's socket: the ingest service (a provider: SERVING from the start)."""
-        service = PlatformConnectorService(self.core)
+        service = PlatformConnectorService(self.core, self.bridge)
         return self._assemble([service], Health({service: []}))
 
     def _assemble(self, services: list[Any], health: Health) -> list[Any]:
@@ -201,7 +202,7 @@ class GrpcServer:
                     )
                 server = self._server(servables)
                 self._servers.append(server)
-                await _bridge.aio_as_trio(server.start)(host, port, backlog=self._backlog())
+                await self.bridge.aio_as_trio(server.start)(host, port, backlog=self._backlog())
                 listening = server._server
                 assert isinstance(listening, asyncio.Server)
                 tcp_port = listening.sockets[0].getsockname()[1]
@@ -225,7 +226,7 @@ class GrpcServer:
         server = self._server(servables)
         self._servers.append(server)
         try:
-            await _bridge.aio_as_trio(server.start)(sock=claim.sock, backlog=self._backlog())
+            await self.bridge.aio_as_trio(server.start)(sock=claim.sock, backlog=self._backlog())
         except BaseException:
             claim.sock.close()
             raise
@@ -264,7 +265,7 @@ class GrpcServer:
                     server.close()  # stop accepting; cancel running calls
             with trio.move_on_after(CLOSE_GRACE):
                 for server in servers:
-                    await _bridge.aio_as_trio(server.wait_calls_closed)()
+                    await self.bridge.aio_as_trio(server.wait_calls_closed)()
                 if any(server.open_connections for server in servers):
                     # Answers just written may not be read yet, and grpclib's client fails
                     # every stream of a connection that closes: let them land, then close (a
@@ -275,7 +276,7 @@ class GrpcServer:
                 server.close_connections()
             with trio.move_on_after(CLOSE_GRACE) as waited:
                 for server in servers:
-                    await _bridge.aio_as_trio(server.wait_connections_closed)()
+                    await self.bridge.aio_as_trio(server.wait_connections_closed)()
             if waited.cancelled_caught:
                 log.warning("shutdown: connections did not close in time; dropping them")
                 for server in servers:

@@ -21,6 +21,7 @@ from typing import Any
 from google.protobuf.empty_pb2 import Empty
 from grpclib.server import Stream
 
+from .._bridge import Bridge
 from .._errors import InvalidArgument, NotFound
 from ..cache import _store as store_ops
 from ..cache._store import DEFAULT_NAMESPACE, Event, ObjectInfo, Result, State, in_namespace
@@ -67,8 +68,8 @@ def _answer(result: Result) -> pb.Gpu:
 class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
     service_name = SERVICE
 
-    def __init__(self, core: Core) -> None:
-        super().__init__(core)
+    def __init__(self, core: Core, bridge: Bridge) -> None:
+        super().__init__(core, bridge)
         self._encoded: collections.OrderedDict[int, bytes] = collections.OrderedDict()
 
     # -- reads -------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
         with self._errors("GetGpu"):
             request = await self._read_request(stream)
             store_ops.validate_name(request.name)
-            await read_barrier(self.core)
+            await read_barrier(self.bridge, self.core)
             state = self.core.store.state
             gpu = state.gpus.get(request.name)
             if gpu is None or not in_namespace(gpu, request.namespace):
@@ -88,7 +89,7 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
     async def ListGpus(self, stream: Stream[pb.ListGpusRequest, pb.ListGpusResponse]) -> None:
         with self._errors("ListGpus"):
             request = await self._read_request(stream)
-            await read_barrier(self.core)
+            await read_barrier(self.bridge, self.core)
             data = self._list_response(self.core.store.state, request.namespace)
         await self._send_list(stream, data)
 
@@ -115,7 +116,7 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
             if not from_rv:
                 # Upstream starts "now": no snapshot. Every write acknowledged before this
                 # call is behind the start, everything after it is streamed.
-                await read_barrier(self.core)
+                await read_barrier(self.bridge, self.core)
                 from_rv = self.core.store.state.rv
             subscription = self.core.hub.subscribe(from_rv)
         namespace = request.namespace
@@ -150,7 +151,7 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
                 metadata=v1.ObjectMeta(name=gpu.metadata.name,
                                        namespace=gpu.metadata.namespace or DEFAULT_NAMESPACE),
                 spec=_spec(gpu), status=_status(gpu))
-            result = await write(self.core, store_ops.CreateGpu(
+            result = await write(self.bridge, self.core, store_ops.CreateGpu(
                 stored, writer_of(self.core, stream), exclusive=True))
             answer = _answer(result)
         await stream.send_message(answer)
@@ -160,7 +161,7 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
             request = await recv_request(stream, self._limit)
             gpu = self._required_gpu(request)
             meta = gpu.metadata
-            result = await write(self.core, store_ops.UpdateSpec(
+            result = await write(self.bridge, self.core, store_ops.UpdateSpec(
                 meta.name, _spec(gpu), meta.namespace, meta.uid, _expected(gpu),
                 writer_of(self.core, stream)))
             answer = _answer(result)
@@ -172,7 +173,7 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
             gpu = self._required_gpu(request)
             meta = gpu.metadata
             store_ops.validate_name(meta.name, "metadata.name")
-            result = await write(self.core, store_ops.UpdateGpuStatus(
+            result = await write(self.bridge, self.core, store_ops.UpdateGpuStatus(
                 meta.name, _status(gpu), _expected(gpu), writer_of(self.core, stream),
                 identity=(meta.namespace, meta.uid)))
             answer = _answer(result)
@@ -181,7 +182,7 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
     async def DeleteGpu(self, stream: Stream[pb.DeleteGpuRequest, Empty]) -> None:
         with self._errors("DeleteGpu"):
             request = await recv_request(stream, self._limit)
-            await write(self.core, store_ops.DeleteGpu(request.name,
+            await write(self.bridge, self.core, store_ops.DeleteGpu(request.name,
                                                        namespace=request.namespace))
         await stream.send_message(Empty())
 

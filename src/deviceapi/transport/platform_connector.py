@@ -23,6 +23,7 @@ from typing import Any
 from google.protobuf.empty_pb2 import Empty
 from grpclib.server import Stream
 
+from .._bridge import Bridge
 from .._errors import InvalidArgument
 from ..cache import _store as store_ops
 from ..cache import ingest
@@ -43,8 +44,9 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class PlatformConnectorService(health_event_grpc.PlatformConnectorBase):
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, bridge: Bridge) -> None:
         self.core = core
+        self.bridge = bridge
         self._limit = core.config.max_receive_message_bytes
 
     async def HealthEventOccurredV1(self, stream: Stream[pb.HealthEvents, Empty]) -> None:
@@ -57,7 +59,8 @@ class PlatformConnectorService(health_event_grpc.PlatformConnectorBase):
             try:
                 key = idempotency_key(stream.metadata)
                 events = decode(request)
-                result = await write(self.core, store_ops.IngestHealthEvents(events, key))
+                result = await write(self.bridge, self.core,
+                                     store_ops.IngestHealthEvents(events, key))
             except Exception as exc:
                 count("rejected", received)
                 log.warning("health event batch refused", extra={

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 
-import trio
 from grpclib.server import Stream
 
+from .._bridge import Bridge
 from .._errors import InvalidArgument
 from ..cache import _store as store_ops
 from ..cache.core import Core
@@ -20,8 +20,9 @@ SERVICE = "nvidia.device.v1alpha1.ProviderService"
 
 
 class ProviderService(provider_grpc.ProviderServiceBase):
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, bridge: Bridge) -> None:
         self.core = core
+        self.bridge = bridge
         self._limit = core.config.max_receive_message_bytes
 
     def _errors(self, method: str) -> contextlib.AbstractContextManager[None]:
@@ -37,7 +38,7 @@ class ProviderService(provider_grpc.ProviderServiceBase):
     ) -> None:
         with self._errors("RegisterGpu"):
             r = await recv_request(stream, self._limit)
-            result = await write(self.core, store_ops.RegisterGpu(
+            result = await write(self.bridge, self.core, store_ops.RegisterGpu(
                 r.name, r.spec, r.initial_status, self._provider(r.provider_id)))
         await stream.send_message(pb.ProviderRegisterGpuResponse(
             created=result.created, resource_version=result.rv))
@@ -47,7 +48,8 @@ class ProviderService(provider_grpc.ProviderServiceBase):
     ) -> None:
         with self._errors("UnregisterGpu"):
             r = await recv_request(stream, self._limit)
-            result = await write(self.core, store_ops.DeleteGpu(r.name, missing_ok=True))
+            result = await write(self.bridge, self.core,
+                                 store_ops.DeleteGpu(r.name, missing_ok=True))
         await stream.send_message(pb.ProviderUnregisterGpuResponse(deleted=result.deleted))
 
     async def UpdateGpuStatus(
@@ -58,7 +60,7 @@ class ProviderService(provider_grpc.ProviderServiceBase):
             r = await recv_request(stream, self._limit)
             if not r.HasField("status"):
                 raise InvalidArgument("status is required")
-            result = await write(self.core, store_ops.UpdateGpuStatus(
+            result = await write(self.bridge, self.core, store_ops.UpdateGpuStatus(
                 r.name, r.status, 0, self._provider(r.provider_id)))
         await stream.send_message(pb.ProviderUpdateGpuStatusResponse(resource_version=result.rv))
 
@@ -71,7 +73,7 @@ class ProviderService(provider_grpc.ProviderServiceBase):
             r = await recv_request(stream, self._limit)
             if not r.HasField("condition"):
                 raise InvalidArgument("condition is required")
-            result = await write(self.core, store_ops.UpdateCondition(
+            result = await write(self.bridge, self.core, store_ops.UpdateCondition(
                 r.name, r.condition, self._provider(r.provider_id)))
         await stream.send_message(
             pb.ProviderUpdateGpuConditionResponse(resource_version=result.rv))
@@ -86,11 +88,11 @@ class ProviderService(provider_grpc.ProviderServiceBase):
             for name in names:
                 store_ops.validate_name(name, "gpu_names")
             if names:
-                await write(self.core, store_ops.ClaimGpus(provider, names))
+                await write(self.bridge, self.core, store_ops.ClaimGpus(provider, names))
             # The sessions' deadlines are on trio's clock (the monitor is a trio task).
-            unmask = self.core.sessions.heartbeat(provider, trio.current_time())
+            unmask = self.core.sessions.heartbeat(provider, self.core.now())
             if unmask is not None:
-                await write(self.core, unmask)
+                await write(self.bridge, self.core, unmask)
             # acknowledged=False tells a provider that this server lacks GPUs it named (it
             # restarted, or someone deleted them): the provider should register them again.
             known = self.core.store.state.gpus

@@ -75,13 +75,15 @@ async def run(args: argparse.Namespace) -> None:
         heartbeat_interval=args.heartbeat_interval,
     )
 
+    bridge = _bridge.current()  # made by _bridge.run in main
+
     async def connect() -> ProviderApi:
         if args.address:
-            return await TrioProviderClient.connect(address=args.address)
-        return await TrioProviderClient.connect(unix_socket=args.unix_socket)
+            return await TrioProviderClient.connect(address=args.address, bridge=bridge)
+        return await TrioProviderClient.connect(unix_socket=args.unix_socket, bridge=bridge)
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with _bridge.open_loop(), trio.open_nursery() as nursery:
+        async with bridge.open_loop(), trio.open_nursery() as nursery:
             await nursery.start(run_nvml_provider,
                                 lambda: PynvmlBackend(args.nvml_driver_root), connect, options)
             log.info("NVML provider started", extra={"provider": args.provider_id})
