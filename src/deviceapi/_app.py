@@ -35,7 +35,7 @@ from .client.trio_client import TrioProviderClient
 from .otp import ChildSpec, FaultHook, StartFn, Supervisor
 from .providers.nvml import NvmlBackend, NvmlPoller, PollerOptions, ProviderApi, PynvmlBackend
 from .providers.nvml.poller import HealthLedger
-from .providers.nvml.service import run_nvml_provider
+from .providers.nvml.service import nvml_child
 from .providers.sim import SimulatedProvider
 from .transport.grpc_server import GrpcServer, Listeners, MappingWrapper
 from .transport.http import health_app, metrics_app, serve_http
@@ -278,12 +278,8 @@ def _provider_children(config: Config, listeners: Callable[[], Listeners],
         options = PollerOptions.from_config(
             config, provider_id=f"nvml-{config.node_name or 'node'}")
 
-        async def nvml(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                       ) -> None:
-            await run_nvml_provider(make_backend, connect, options, on_poller=pollers.append,
-                                    ledger=ledger, task_status=task_status)
-
-        specs.append(ChildSpec("nvml", injectable("nvml", nvml)))
+        specs.append(nvml_child(make_backend, connect, options, ledger=ledger,
+                                on_poller=pollers.append, wrap=injectable))
     if config.simulate:
 
         async def simulator(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -489,6 +489,10 @@ async def test_embedded_provider_without_a_driver_keeps_the_server_serving(
         lines = [r for r in caplog.records if r.getMessage().startswith("NVML unavailable")]
         assert len(lines) == 1
         assert "the server keeps serving" in lines[0].getMessage()
+        # retried through the providers supervisor (backoff 1 s, then 2 s...): each retry is
+        # a counted restart of the nvml child
+        await wait_until(lambda: (rt.metrics.registry.get_sample_value(
+            "device_api_server_actor_restarts_total", {"actor": "nvml"}) or 0) >= 2, timeout=10)
         status, text = await http_get(rt.http_ports.metrics, "/metrics")
         assert status == 200
         assert metric(text, "device_api_server_nvml_provider_enabled") == 0

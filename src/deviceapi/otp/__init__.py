@@ -15,7 +15,7 @@ from ._mailbox import (
     Reply,
     TrioReply,
 )
-from ._spec import DEFAULT_SHUTDOWN, ChildSpec, ChildType, Restart, StartFn
+from ._spec import DEFAULT_SHUTDOWN, Backoff, ChildSpec, ChildType, Restart, StartFn
 from ._strategy import ExitKind, RestartPlan, Strategy, plan_restart, should_restart
 from .supervisor import (
     ChildCounts,
@@ -37,6 +37,7 @@ __all__ = [
     "Actor",
     "ActorCrashed",
     "ActorExit",
+    "Backoff",
     "CallTimeout",
     "ChildCounts",
     "ChildSpec",

@@ -31,6 +31,32 @@ DEFAULT_SHUTDOWN = 5.0
 """Seconds a worker may take to finish once cancelled (OTP's default worker shutdown)."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Backoff:
+    """Restart delay for a child whose failures are expected to last (a missing GPU driver):
+    the supervisor waits ``initial`` seconds before the first restart, ``factor`` times longer
+    before each next one, at most ``maximum``; an incarnation that ran ``reset_after`` seconds
+    starts the sequence over. The restart is counted (intensity, ``on_restart``) when decided,
+    and the supervisor keeps handling other children while it waits.
+
+    With the defaults the delays between six restarts in a row add up to more than 30 seconds,
+    so such a child alone never exceeds an intensity of 5 restarts in 30 seconds.
+    """
+
+    initial: float = 1.0
+    maximum: float = 300.0
+    factor: float = 2.0
+    reset_after: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.initial <= self.maximum or self.factor < 1 or self.reset_after < 0:
+            raise ValueError(f"invalid backoff {self!r}")
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait before restarting after ``failures`` earlier quick failures."""
+        return float(min(self.maximum, self.initial * self.factor ** min(failures, 64)))
+
+
 class StartFn(Protocol):
     """How a supervisor starts one incarnation of a child (``await nursery.start(start)``)."""
 
@@ -44,6 +70,7 @@ class ChildSpec:
     ``shutdown`` bounds how long the supervisor waits for the child to finish after cancelling
     it; past that it is abandoned as *killed* (see ``Supervisor`` for what that means under
     trio). Supervisor children should keep ``math.inf`` so a subtree always stops in order.
+    ``backoff``: wait before restarting it (None: restart at once, as OTP does).
     """
 
     id: str
@@ -51,6 +78,7 @@ class ChildSpec:
     restart: Restart = "permanent"
     shutdown: float = DEFAULT_SHUTDOWN
     type: ChildType = "worker"
+    backoff: Backoff | None = None
 
     def __post_init__(self) -> None:
         if not self.id:

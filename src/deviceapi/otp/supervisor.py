@@ -118,7 +118,8 @@ class _Incarnation:
     """One run of one child: its cancel scope, how it ended, and who already dealt with that."""
 
     __slots__ = (
-        "done", "error", "handled", "killed", "scope", "spec", "started", "stopping", "task"
+        "born", "done", "error", "handled", "killed", "scope", "spec", "started", "stopping",
+        "task",
     )
 
     def __init__(self, spec: ChildSpec) -> None:
@@ -131,6 +132,7 @@ class _Incarnation:
         self.handled = False  # its exit was acted on (or made moot by a stop)
         self.killed = False  # it outlived its shutdown timeout and was abandoned
         self.error: BaseException | None = None
+        self.born = trio.current_time()  # for the child's backoff: did it run long?
 
 
 class _StartWatch(trio.TaskStatus[None]):
@@ -174,6 +176,10 @@ class _SupervisorBase:
         self.intensity = Intensity(max_restarts, period)
         self._on_restart = on_restart
         self._restart_counts: collections.Counter[str] = collections.Counter()
+        #: Per child with a backoff: quick failures in a row (the next delay's exponent).
+        self._quick_failures: collections.Counter[str] = collections.Counter()
+        #: Restarts waiting out a backoff; cancelled when the supervisor stops.
+        self._delays: set[trio.CancelScope] = set()
         self._kills = 0
         self._nursery: trio.Nursery | None = None
         self._closing = False
@@ -333,6 +339,8 @@ class _SupervisorBase:
     async def _stop_all(self) -> None:
         """Stop every running child in reverse start order (callers shield this)."""
         self._closing = True
+        for scope in self._delays:
+            scope.cancel()
         while self._running:
             await self._stop(self._in_start_order()[-1], "supervisor stopping")
 
@@ -348,6 +356,9 @@ class _SupervisorBase:
                 continue  # stopped as part of an earlier restart: its exit is moot
             inc.handled = True
             self._forget_incarnation(inc)
+            backoff = inc.spec.backoff
+            if backoff is not None and trio.current_time() - inc.born >= backoff.reset_after:
+                self._quick_failures[inc.spec.id] = 0  # it ran long enough: start over
             exit: ExitKind = "normal" if inc.error is None else "crash"
             failure = await self._recover(inc.spec.id, exit, inc.error)
             if failure is not None:
@@ -391,11 +402,39 @@ class _SupervisorBase:
             self._log(logging.INFO, "restart", cid, why)
             if self._on_restart is not None:
                 self._on_restart(cid)
+            spec = self._specs[cid]
+            if spec.backoff is not None:
+                delay = spec.backoff.delay(self._quick_failures[cid])
+                self._quick_failures[cid] += 1
+                assert self._nursery is not None
+                self._nursery.start_soon(self._restart_later, spec, delay, name=f"{cid}.backoff")
+                continue
             try:
-                await self._start(self._specs[cid])
+                await self._start(spec)
             except Exception as exc:
                 exits.append((cid, "crash", exc))
         return None
+
+    async def _restart_later(self, spec: ChildSpec, delay: float) -> None:
+        """A backoff restart: wait, then start the child unless it is running again, removed,
+        or the supervisor is stopping. A failed start is an exit like any other."""
+        scope = trio.CancelScope()
+        self._delays.add(scope)
+        try:
+            with scope:
+                await trio.sleep(delay)
+        finally:
+            self._delays.discard(scope)
+        if scope.cancelled_caught or self._closing or self._specs.get(spec.id) is not spec \
+                or spec.id in self._running:
+            return
+        try:
+            await self._start(spec)
+        except Exception as exc:
+            failed = _Incarnation(spec)
+            failed.error = exc
+            self._exits.append(failed)
+            self._wakeup.set()
 
     def _give_up(
         self, child: str, exit: ExitKind, error: BaseException | None
