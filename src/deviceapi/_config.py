@@ -222,7 +222,7 @@ def _show_default(value: object) -> str:
     return str(value)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` with every default written the way an operator would type it.
 
     argparse's own formatter prints ``%(default)s``, i.e. ``str()`` of the parsed value, which
@@ -239,6 +239,44 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: {shown})"
 
 
+ArgumentGroup = argparse._ArgumentGroup | argparse.ArgumentParser
+
+
+def add_logging_flags(group: ArgumentGroup) -> None:
+    """--log-format, -v and --bridge: one definition for the server and the NVML sidecar."""
+    d = Config()
+    group.add_argument("--log-format", choices=("json", "text"), default=d.log_format,
+                       help="Log line format.")
+    group.add_argument("-v", "--verbosity", type=_non_negative_int, default=d.verbosity,
+                       help="Log verbosity: 0 info, 1 debug, 2 and more trace.")
+    group.add_argument("--bridge", choices=("trio-asyncio", "guest"), default=d.bridge,
+                       help="How the trio actors and grpclib's asyncio share the thread: guest "
+                            "(trio as a guest of a native asyncio loop; cheaper per call) or "
+                            "trio-asyncio (an asyncio loop on top of trio). The test suite runs "
+                            "in both; see docs/BENCHMARKS.md.")
+
+
+def add_nvml_flags(group: ArgumentGroup) -> None:
+    """The NVML poller's flags (driver root, health check, XIDs, quiet period): one definition
+    for the server's embedded provider and the ``device-api-nvml-provider`` sidecar."""
+    d = Config()
+    group.add_argument("--nvml-driver-root", default=d.nvml_driver_root,
+                       help="Where the driver is mounted; libnvidia-ml.so.1 is looked up here "
+                            "before the system default.")
+    group.add_argument("--nvml-health-check", type=parse_bool, nargs="?", const=True,
+                       default=d.nvml_health_check,
+                       help="Watch XID events and mark GPUs unhealthy.")
+    group.add_argument("--nvml-ignored-xids", type=parse_xids, default=d.nvml_ignored_xids,
+                       help="XIDs to ignore on top of 13,31,43,45,68,109 (comma list or 'all').")
+    group.add_argument("--nvml-critical-xids", type=parse_xids, default=d.nvml_critical_xids,
+                       help="XIDs that mark a GPU unhealthy on top of "
+                            "48,63,64,74,79,92,94,95,119,120 (comma list or 'all').")
+    group.add_argument("--nvml-recovery-quiet-period", type=_positive_float,
+                       default=d.nvml_recovery_quiet_period,
+                       help="Seconds without critical events after which a GPU NVML reports "
+                            "healthy is marked Ready again.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``device-api-server``; the Helm chart's tests render args through it."""
     p = argparse.ArgumentParser(
@@ -250,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"{ENV_PREFIX}MIN_GPUS=4), which replaces the default; a flag given on the command "
             "line wins over the environment."
         ),
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     d = Config()
     listen = p.add_argument_group("listeners")
@@ -282,15 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     life.add_argument("--shutdown-delay", type=_positive_float, default=d.shutdown_delay,
                       help="Seconds between turning not-ready and closing the listeners, so "
                            "load balancers and clients notice.")
-    life.add_argument("--log-format", choices=("json", "text"), default=d.log_format,
-                      help="Log line format.")
-    life.add_argument("-v", "--verbosity", type=_non_negative_int, default=d.verbosity,
-                      help="Log verbosity: 0 info, 1 debug, 2 and more trace.")
-    life.add_argument("--bridge", choices=("trio-asyncio", "guest"), default=d.bridge,
-                      help="How the trio actors and grpclib's asyncio share the thread: guest "
-                           "(trio as a guest of a native asyncio loop; cheaper per call) or "
-                           "trio-asyncio (an asyncio loop on top of trio). The test suite runs "
-                           "in both; see docs/BENCHMARKS.md.")
+    add_logging_flags(life)
     life.add_argument("--check-config", action="store_true",
                       help="Validate flags and environment, print the effective configuration "
                            "as JSON and exit (0 valid, 2 invalid).")
@@ -301,21 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     nvml.add_argument("--enable-nvml-provider", type=parse_bool, nargs="?", const=True,
                       default=d.enable_nvml_provider,
                       help="Run the built-in NVML provider inside the server.")
-    nvml.add_argument("--nvml-driver-root", default=d.nvml_driver_root,
-                      help="Where the driver is mounted; libnvidia-ml.so.1 is looked up here "
-                           "before the system default.")
-    nvml.add_argument("--nvml-health-check", type=parse_bool, nargs="?", const=True,
-                      default=d.nvml_health_check,
-                      help="Watch XID events and mark GPUs unhealthy.")
-    nvml.add_argument("--nvml-ignored-xids", type=parse_xids, default=d.nvml_ignored_xids,
-                      help="XIDs to ignore on top of 13,31,43,45,68,109 (comma list or 'all').")
-    nvml.add_argument("--nvml-critical-xids", type=parse_xids, default=d.nvml_critical_xids,
-                      help="XIDs that mark a GPU unhealthy on top of "
-                           "48,63,64,74,79,92,94,95,119,120 (comma list or 'all').")
-    nvml.add_argument("--nvml-recovery-quiet-period", type=_positive_float,
-                      default=d.nvml_recovery_quiet_period,
-                      help="Seconds without critical events after which a GPU NVML reports "
-                           "healthy is marked Ready again.")
+    add_nvml_flags(nvml)
 
     sim = p.add_argument_group("simulation")
     sim.add_argument("--simulate", type=_non_negative_int, default=d.simulate,

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import trio
 
 from ... import _bridge
-from ..._config import DEFAULT_CRITICAL_XIDS, DEFAULT_IGNORED_XIDS, parse_bool, parse_xids
+from ..._config import HelpFormatter, add_logging_flags, add_nvml_flags
 from ..._logging import configure_logging
 from ...client import DEFAULT_SOCKET
 from ...client.trio_client import TrioProviderClient
@@ -33,34 +33,22 @@ log = logging.getLogger("deviceapi.nvml")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The sidecar's own flags (where the server is, who it is, how often it heartbeats); the
+    NVML and logging flags are the server's definitions (``_config``), same names and defaults."""
     p = argparse.ArgumentParser(
         prog="device-api-nvml-provider",
         description="NVML GPU provider for device-api-server (runs beside it as a sidecar).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--unix-socket", default=DEFAULT_SOCKET, help="the server's Unix socket")
     p.add_argument("--address", default="", help="HOST:PORT of the server instead of the socket")
     node = os.environ.get("NODE_NAME") or socket.gethostname()
     p.add_argument("--provider-id", default=f"nvml-{node}",
                    help="provider id the GPUs are registered under")
-    p.add_argument("--nvml-driver-root", default="/run/nvidia/driver",
-                   help="where the driver is mounted (libnvidia-ml.so.1 is looked up here first)")
-    p.add_argument("--nvml-health-check", type=parse_bool, nargs="?", const=True, default=True,
-                   help="watch XID events and mark GPUs unhealthy")
-    p.add_argument("--nvml-ignored-xids", type=parse_xids, default=parse_xids(""),
-                   help="XIDs to ignore on top of "
-                        f"{','.join(map(str, sorted(DEFAULT_IGNORED_XIDS)))} (or 'all')")
-    p.add_argument("--nvml-critical-xids", type=parse_xids, default=parse_xids(""),
-                   help="critical XIDs on top of "
-                        f"{','.join(map(str, sorted(DEFAULT_CRITICAL_XIDS)))} (or 'all')")
-    p.add_argument("--nvml-recovery-quiet-period", type=float, default=60.0,
-                   help="seconds without critical events before a healthy GPU is Ready again")
     p.add_argument("--heartbeat-interval", type=float, default=10.0,
                    help="seconds between heartbeats (keep below the server's heartbeat timeout)")
-    p.add_argument("--log-format", choices=("json", "text"), default="json")
-    p.add_argument("--bridge", choices=_bridge.MODES, default="guest",
-                   help="how trio and asyncio share the thread (as the server's --bridge)")
-    p.add_argument("-v", "--verbosity", type=int, default=0)
+    add_nvml_flags(p.add_argument_group("NVML"))
+    add_logging_flags(p.add_argument_group("logging"))
     return p
 
 
