@@ -361,6 +361,11 @@ class _Pump:
                 await asyncio.sleep(0)  # one stream's backlog must not hold up the others
 
 
+def _take_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 async def _pump(
     stream: Stream[Any, Any],
     subscription: Subscription,
@@ -382,6 +387,11 @@ async def _pump(
     subscription.on_change = pump.on_change
     pump.on_change()  # it may have ended already
     sender = asyncio.ensure_future(pump.send_loop())
+    # A send can fail after the stream already ended, or while this handler is being
+    # cancelled (the client reset the stream): nothing is left to report then, so the failure
+    # is always taken here, never left to the loop's "exception was never retrieved" (which
+    # trio-asyncio re-raises into the server). ``sender.result()`` below still re-raises it.
+    sender.add_done_callback(_take_failure)
     ended = pump.ended
     try:
         racers: list[asyncio.Future[Any]] = [sender, ended]
