@@ -306,6 +306,46 @@ async def test_update_status_replaces_status_with_the_expected_version(
             await c.fails(Code.NOT_FOUND, c.gpus.DeleteGpu, c.pb.DeleteGpuRequest(name=GPU_A))
 
 
+async def test_every_list_shows_each_gpu_as_get_does_after_every_kind_of_write(
+        stubs: types.SimpleNamespace, tmp_path: Path) -> None:
+    """Lists are built from each GPU's upstream form kept per GPU version: after a status
+    write, a spec write (new generation), a §1 write, a delete and a re-create under the same
+    name (new uid), each listing, all namespaces or one, equals GetGpu of every GPU, so no
+    GPU's stale form is ever served."""
+
+    async def check(namespace: str = "") -> list[str]:
+        listing = await c.list(namespace)
+        assert listing.metadata.resource_version == str(c.rt.core.store.state.rv)
+        assert list(listing.items) == [await c.get(g.metadata.name, g.metadata.namespace)
+                                       for g in listing.items]
+        return [g.metadata.name for g in listing.items]
+
+    with trio.fail_after(20):
+        async with serve(stubs, tmp_path) as c:
+            assert await check() == []
+            a = await c.create(c.gpu(GPU_A, ("Ready", "True")))
+            await c.create(c.gpu(GPU_B, namespace="team-a"))
+            assert await check() == [GPU_A, GPU_B]
+            assert await check("team-a") == [GPU_B]
+            await c.call(c.gpus.UpdateGpuStatus, c.pb.UpdateGpuStatusRequest(
+                gpu=c.gpu(GPU_A, ("Ready", "False"), version=a.metadata.resource_version)))
+            assert await check() == [GPU_A, GPU_B]
+            await c.call(c.gpus.UpdateGpu, c.pb.UpdateGpuRequest(gpu=c.gpu(GPU_A, uuid=GPU_C)))
+            assert await check() == [GPU_A, GPU_B]
+            assert (await c.list()).items[0].metadata.generation == 2
+            await c.call(c.v1.UpdateGpuStatus, c.v1pb.UpdateGpuStatusRequest(
+                name=GPU_B, status=c.v1pb.GpuStatus(conditions=[
+                    c.v1pb.Condition(type="Ready", status="Unknown")])))
+            assert await check("team-a") == [GPU_B]
+            assert conditions((await c.list()).items[1]) == [("Ready", "Unknown")]
+            await c.call(c.gpus.DeleteGpu, c.pb.DeleteGpuRequest(name=GPU_A))
+            assert await check() == [GPU_B]
+            again = await c.create(c.gpu(GPU_A))
+            assert again.metadata.uid != a.metadata.uid
+            assert await check() == [GPU_A, GPU_B]
+            assert (await c.list()).items[0].metadata.uid == again.metadata.uid
+
+
 async def test_namespaces_default_on_writes_and_all_on_reads(
         stubs: types.SimpleNamespace, tmp_path: Path) -> None:
     with trio.fail_after(20):

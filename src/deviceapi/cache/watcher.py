@@ -5,12 +5,14 @@ A :class:`Subscription` is one WatchGpus stream's state. It is created by :class
 initial events and the live ones join with no gap and no duplicate: commits are synchronous too,
 and nothing can run between the two.
 
-The hub is a commit listener: on every commit it offers each event to each subscription with a
-non-blocking append. A subscription whose live queue is full is evicted on the spot; one whose
+The hub is a commit listener: on every commit it appends the events, encoded once, to a log all
+subscriptions share; each subscription reads it by cursor, so a commit costs the same however
+many watchers there are. A subscription whose live queue (its distance to the log's end) is
+longer than the queue size is evicted on the spot; one whose
 consumer has not accepted an event for the slow-subscriber timeout is evicted by the
 :func:`run_watch_janitor` task. An evicted stream ends with RESOURCE_EXHAUSTED and the version
 to resume from, so a watcher never receives a stream with a hole in it, and one stalled client
-never delays anyone else (offering is O(1) and never waits).
+never delays anyone else (appending is O(1) and never waits).
 
 Design note (differs from ARCHITECTURE's one-actor-per-watcher sketch, same promises): the only
 timer a watcher needs is the stall deadline, so one janitor task checks all subscriptions and
@@ -81,27 +83,39 @@ def encode_event(event: Event) -> bytes:
 
 
 class Subscription:
-    """One watcher's queue. Fed by the hub, drained by the stream handler.
+    """One watcher's position in the hub's shared event log. Fed by the hub, drained by the
+    stream handler.
 
     The consumer loop: ``take()`` a batch, send it, ``delivered()`` it; when ``take()`` is empty
-    and ``end`` is None, wait for ``on_change``. ``on_change`` is called (synchronously) when
+    and ``end`` is None, wait for ``on_change`` (or, for a consumer that serves many streams at
+    once, a hub listener: :meth:`WatchHub.listen`). ``on_change`` is called (synchronously) when
     events arrive and when the subscription ends — including while the consumer is blocked in a
-    send, so it can abandon the send and end the stream.
+    send, so it can abandon the send and end the stream. ``on_end`` is called only when it ends.
+
+    Live events are not copied into a queue per subscription: the hub appends each commit's
+    events once to a log all subscriptions share, and a subscription is a cursor into it, so a
+    commit costs the hub the same with 1 or 1000 watchers. The live queue's length is the
+    cursor's distance to the log's end.
     """
 
-    def __init__(self, sub_id: int, capacity: int, backlog: Iterator[Delivery],
+    def __init__(self, hub: WatchHub, sub_id: int, backlog: Iterator[Delivery],
                  backlog_size: int, resume_rv: int, now: float) -> None:
         self.id = sub_id
-        self._capacity = capacity
+        self._hub = hub
         # Initial snapshot or replay: bounded by max GPUs / history size, not by the queue, and
         # produced lazily from the immutable state it was taken from (every watcher subscribing
         # at once after a restart must not hold a thousand events each).
         self._backlog = backlog
         self._backlog_left = backlog_size
-        self._live: collections.deque[Delivery] = collections.deque()
+        #: The next live event's position in the hub's log.
+        self._cursor = hub._end
+        #: The cursor at which this subscription last had nothing pending (-1: it has since
+        #: taken something): the stall clock of events arriving there starts at their commit.
+        self._idle_at = self._cursor if backlog_size == 0 else -1
         self.resume_rv = resume_rv
         self.end: StreamEnd | None = None
-        self.on_change: Callable[[], None] | None = None
+        self._on_change: Callable[[], None] | None = None
+        self.on_end: Callable[[], None] | None = None
         self._in_flight = 0
         self._last_progress = now
         self.delivered_events = 0
@@ -110,9 +124,27 @@ class Subscription:
         self.drain_reason = ""
 
     @property
+    def on_change(self) -> Callable[[], None] | None:
+        return self._on_change
+
+    @on_change.setter
+    def on_change(self, callback: Callable[[], None] | None) -> None:
+        # Only subscriptions that asked are called per commit (the hub's cost stays O(1) in
+        # the number of subscriptions whose consumer listens on the hub instead).
+        self._on_change = callback
+        if callback is None or self.end is not None:
+            self._hub._watched.pop(self, None)
+        else:
+            self._hub._watched[self] = None
+
+    @property
+    def _live(self) -> int:
+        return 0 if self.end is not None else self._hub._end - self._cursor
+
+    @property
     def pending(self) -> int:
         """Events queued or being sent."""
-        return self._backlog_left + len(self._live) + self._in_flight
+        return self._backlog_left + self._live + self._in_flight
 
     def take(self, limit: int) -> list[Delivery]:
         """Up to ``limit`` events to send next (backlog first). Empty once ended."""
@@ -122,43 +154,57 @@ class Subscription:
         while self._backlog_left and len(batch) < limit:
             batch.append(next(self._backlog))
             self._backlog_left -= 1
-        while self._live and len(batch) < limit:
-            batch.append(self._live.popleft())
+        hub = self._hub
+        cursor = self._cursor
+        count = min(hub._end - cursor, limit - len(batch))
+        if count > 0:
+            if self._idle_at == cursor:  # the stall clock started when the first one arrived
+                self._last_progress = hub._time_at(cursor)
+            self._idle_at = -1
+            batch += hub._slice(cursor, count)
+            self._cursor = cursor + count
+            hub._move(self, cursor, self._cursor)
         self._in_flight += len(batch)
         return batch
 
     def delivered(self, item: Delivery, now: float) -> None:
         """The consumer handed ``item`` to the transport; it counts as accepted."""
-        self._in_flight -= 1
-        self.resume_rv = item.resume_rv
+        self._accepted(1, item, now)
+
+    def delivered_batch(self, items: Sequence[Delivery], now: float) -> None:
+        """``delivered`` for each of ``items`` (taken in this order), in one step."""
+        if items:
+            self._accepted(len(items), items[-1], now)
+
+    def _accepted(self, count: int, last: Delivery, now: float) -> None:
+        self._in_flight -= count
+        self.resume_rv = last.resume_rv
         self._last_progress = now
-        self.delivered_events += 1
-        if self.draining and self.pending == 0:
-            self._finish(StreamEnd("closed", self.drain_reason, self.resume_rv))
+        self.delivered_events += count
+        if (not self._in_flight and not self._backlog_left and self.end is None
+                and self._cursor == self._hub._end):
+            self._idle_at = self._cursor  # nothing pending
+            if self.draining:
+                self._finish(StreamEnd("closed", self.drain_reason, self.resume_rv))
 
     def stalled(self, now: float, timeout: float) -> bool:
-        return self.pending > 0 and now - self._last_progress >= timeout
-
-    def _offer(self, delivery: Delivery, now: float) -> bool:
-        """Queue a live event; False when the queue is full (the caller evicts)."""
-        if len(self._live) >= self._capacity:
-            return False
         if self.pending == 0:
-            self._last_progress = now  # the stall clock starts when there is work to accept
-        self._live.append(delivery)
-        return True
+            return False
+        since = self._last_progress
+        if self._idle_at == self._cursor and self._live:
+            since = self._hub._time_at(self._cursor)  # the stall clock starts with work to do
+        return now - since >= timeout
 
     def _finish(self, end: StreamEnd) -> None:
         if self.end is None:
             self.end = end
             self._backlog = iter(())
             self._backlog_left = 0
-            self._live.clear()
-            self._notify()
-
-    def _notify(self) -> None:
-        if self.on_change is not None:
-            self.on_change()
+            self._hub._detach(self)
+            if self._on_change is not None:
+                self._on_change()
+            if self.on_end is not None:
+                self.on_end()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -207,6 +253,19 @@ class WatchHub:
         self.on_evict: Callable[[str], None] | None = None
         self._closed = False
         self._added_cache: dict[str, Delivery] = {}
+        # The live event log every subscription reads by cursor: positions [_base, _end),
+        # with the commit time of each (stall clocks). Only the last ``queue_size`` positions
+        # can still be wanted: a subscription further behind has been evicted.
+        self._log: list[Delivery] = []
+        self._times: list[float] = []
+        self._base = 0
+        self._end = 0
+        #: Active subscriptions by cursor: the queue-full check of a commit looks only at the
+        #: cursors its events pushed past the queue's length.
+        self._at: dict[int, dict[Subscription, None]] = {}
+        #: Subscriptions with an ``on_change`` callback, called per commit.
+        self._watched: dict[Subscription, None] = {}
+        self._listeners: list[Callable[[], None]] = []
 
     def subscribe(self, from_rv: int) -> Subscription:
         """Open a subscription: ADDED for every GPU (``from_rv == 0``) or a replay of every
@@ -246,8 +305,9 @@ class WatchHub:
             backlog = (Delivery(e, e.rv, encode_event(e)) for e in replay)
             size = len(replay)
             resume_rv = from_rv
-        sub = Subscription(next(self._ids), self.queue_size, backlog, size, resume_rv, now)
+        sub = Subscription(self, next(self._ids), backlog, size, resume_rv, now)
         self._subs[sub.id] = sub
+        self._at.setdefault(sub._cursor, {})[sub] = None
         self._subscribed_total += 1
         log.debug("watch subscribed", extra={"watcher": sub.id, "resource_version": from_rv})
         return sub
@@ -276,6 +336,16 @@ class WatchHub:
         if self._subs.pop(sub.id, None) is not None:
             self._delivered_closed += sub.delivered_events
             sub._finish(StreamEnd("closed", "client gone", sub.resume_rv))
+            self._watched.pop(sub, None)
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (synchronously) once after every commit that queued events for
+        any subscription, however many there are: a consumer serving many streams learns of
+        new events once per commit instead of once per stream."""
+        self._listeners.append(callback)
+
+    def unlisten(self, callback: Callable[[], None]) -> None:
+        self._listeners.remove(callback)
 
     def on_commit(self, state: State, events: Sequence[Event]) -> None:
         for event in events:
@@ -284,16 +354,49 @@ class WatchHub:
         if not events or not self._subs:
             return
         now = trio.current_time()
-        deliveries = [Delivery(e, e.rv, encode_event(e)) for e in events]
-        for sub in list(self._subs.values()):
-            if sub.end is not None:
-                continue
-            for delivery in deliveries:
-                if not sub._offer(delivery, now):
+        self._log += [Delivery(e, e.rv, encode_event(e)) for e in events]
+        self._times += [now] * len(events)
+        before, self._end = self._end, self._end + len(events)
+        # Queue full: more than ``queue_size`` live events, i.e. a cursor this commit left
+        # further than that behind (one further behind was evicted by an earlier commit).
+        limit = self._end - self.queue_size
+        for cursor in range(max(self._base, before - self.queue_size), limit):
+            behind = self._at.get(cursor)
+            if behind:
+                for sub in list(behind):
                     self.evict(sub, "queue_full")
-                    break
-            else:
-                sub._notify()
+        if limit - self._base > self.queue_size:  # forget what nobody can want, in bulk
+            del self._log[:limit - self._base]
+            del self._times[:limit - self._base]
+            self._base = limit
+        if self._watched:
+            for sub in list(self._watched):
+                callback = sub.on_change
+                if sub.end is None and callback is not None:
+                    callback()
+        for listener in list(self._listeners):
+            listener()
+
+    def _time_at(self, cursor: int) -> float:
+        return self._times[cursor - self._base]
+
+    def _slice(self, cursor: int, count: int) -> list[Delivery]:
+        start = cursor - self._base
+        return self._log[start:start + count]
+
+    def _move(self, sub: Subscription, old: int, new: int) -> None:
+        bucket = self._at[old]
+        del bucket[sub]
+        if not bucket:
+            del self._at[old]
+        self._at.setdefault(new, {})[sub] = None
+
+    def _detach(self, sub: Subscription) -> None:
+        """``sub`` ended: it holds no cursor any more."""
+        bucket = self._at.get(sub._cursor)
+        if bucket is not None and bucket.pop(sub, None) is not None and not bucket:
+            del self._at[sub._cursor]
+        self._watched.pop(sub, None)
 
     def evict(self, sub: Subscription, reason: str) -> None:
         if sub.end is not None:

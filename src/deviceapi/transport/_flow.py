@@ -73,32 +73,55 @@ class StreamWriter:
         (they would not have suspended), so a hub can write to every idle stream in one
         host-loop callback instead of waking one task per stream.
         """
-        raw = self._raw
-        stream_id = raw.id
-        if stream_id is None or not self._started or not raw.connection.write_ready.is_set():
+        if not self.can_write_now():
             return 0
         try:
-            window = self._window()
-            budget = min(window, self._h2.max_outbound_frame_size)
-            parts: list[bytes] = []
-            size = 0
-            for message in messages:
-                framed = _PREFIX.size + len(message)
-                if size + framed > budget:
-                    break
-                parts.append(frame(message))
-                size += framed
-            if not parts:
-                return 0
-            data = b"".join(parts)
-            self._h2.send_data(stream_id, data)
+            budget = min(self._window(), self._h2.max_outbound_frame_size)
         except Exception:  # the waiting path meets it again and raises it properly
             return 0
+        parts: list[bytes] = []
+        size = 0
+        for message in messages:
+            framed = _PREFIX.size + len(message)
+            if size + framed > budget:
+                break
+            parts.append(frame(message))
+            size += framed
+        if not parts or not self.write_framed(b"".join(parts)):
+            return 0
+        return len(parts)
+
+    def can_write_now(self) -> bool:
+        """Whether :meth:`write_framed` can write at all (headers sent, transport not paused)."""
+        return (self._raw.id is not None and self._started
+                and self._raw.connection.write_ready.is_set())
+
+    @property
+    def frame_limit(self) -> int:
+        """The most bytes one write may carry (the peer's largest frame)."""
+        return int(self._h2.max_outbound_frame_size)
+
+    def write_framed(self, data: bytes) -> bool:
+        """Write ``data`` (whole gRPC messages, already framed) in one DATA frame, now, without
+        waiting; False (nothing written) when it cannot go out whole right now. The caller has
+        checked :meth:`can_write_now`. Fan-out frames a run of events once and writes the same
+        bytes to every stream that is at the same place."""
+        raw = self._raw
+        stream_id = raw.id
+        size = len(data)
+        if stream_id is None:
+            return False
+        try:
+            if size > min(self._window(), self._h2.max_outbound_frame_size):
+                return False
+            self._h2.send_data(stream_id, data)
+        except Exception:  # the waiting path meets it again and raises it properly
+            return False
         raw._transport.write(self._h2.data_to_send())
         raw.data_sent += size
         raw.connection.data_sent += size
         raw.connection.data_send_process()
-        return len(parts)
+        return True
 
     async def write_some(self, messages: Sequence[bytes]) -> int:
         """Write the first few of ``messages`` (at least one) in one go; return how many."""

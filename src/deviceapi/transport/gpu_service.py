@@ -20,12 +20,12 @@ from .._errors import InvalidArgument, NotFound
 from ..cache import _store as store_ops
 from ..cache._store import State
 from ..cache.core import Core
-from ..cache.watcher import Delivery, StreamEnd, Subscription
+from ..cache.watcher import Delivery, StreamEnd, Subscription, WatchHub
 from ..proto.device.v1alpha1 import gpu_grpc
 from ..proto.device.v1alpha1 import gpu_pb2 as pb
 from ._calls import read_barrier, write, writer_of
 from ._codec import PreEncoded
-from ._flow import StreamWriter
+from ._flow import StreamWriter, frame
 from ._limits import recv_request
 from ._status import rpc_errors
 
@@ -183,7 +183,7 @@ async def serve_watch(core: Core, stream: Stream[Any, Any], subscription: Subscr
     drained in time). Every wire API's watch ends this way; ``encode`` is its face
     (None: this stream does not show that event, e.g. another namespace)."""
     try:
-        end = await _pump(stream, subscription, flusher, core.observer.on_watch_event,
+        end = await _pump(core.hub, stream, subscription, flusher, core.observer.on_watch_event,
                           min(FINISH_GRACE, core.config.slow_subscriber_timeout), encode)
     finally:
         core.hub.unsubscribe(subscription)
@@ -205,16 +205,48 @@ class FanoutStatistics:
     handed_over: int
 
 
+#: One run of a batch framed for one write: the bytes (whole gRPC messages), how many of the
+#: batch's events it covers (including ones the stream does not show) and, by event type, how
+#: many it shows.
+_Chunk = tuple[bytes, int, tuple[tuple[str, int], ...]]
+
+
+def _chunks(batch: list[Delivery], encode: Callable[[Delivery], bytes | None],
+            limit: int) -> list[_Chunk]:
+    """``batch`` framed into runs of at most ``limit`` bytes (a larger message alone)."""
+    chunks: list[_Chunk] = []
+    parts: list[bytes] = []
+    shown: collections.Counter[str] = collections.Counter()
+    size = count = 0
+    for delivery in batch:
+        payload = encode(delivery)
+        if payload is None:
+            count += 1
+            continue
+        framed = len(payload) + 5
+        if parts and size + framed > limit:
+            chunks.append((b"".join(parts), count, tuple(shown.items())))
+            parts, shown, size, count = [], collections.Counter(), 0, 0
+        parts.append(frame(payload))
+        size += framed
+        count += 1
+        shown[delivery.event.type] += 1
+    if count:
+        chunks.append((b"".join(parts), count, tuple(shown.items())))
+    return chunks
+
+
 class _Flusher:
     """Writes what the hub just queued to every idle watch stream, in one host-loop callback.
 
-    The hub tells each subscription about new events synchronously, inside the commit.
-    Waking one sender task per stream for each event costs a task step per watcher per
-    event; instead the streams whose sender is parked are marked here, and one callback
-    scheduled at the first mark writes to all of them (``StreamWriter.write_now``): every event
-    committed in the meantime — a CacheOwner batch — goes out in the same write. A stream
-    that cannot take its events whole right now (flow control, paused transport) gets its
-    sender task woken, which waits as before. One per face (each face's streams).
+    The hub tells this flusher once per commit (a hub listener, not a call per stream), while
+    it has streams. Waking one sender task per stream for each event would cost a task step per
+    watcher per event; instead one callback, scheduled at the first commit after a flush, writes
+    to every stream whose sender is parked (``StreamWriter.write_framed``): every event committed
+    in the meantime goes out in the same write, and streams at the same place in the hub's log
+    share one framing of it. A stream that cannot take its events whole right now (flow control,
+    paused transport) gets its sender task woken, which waits as before. One per face (each
+    face's streams).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
@@ -223,7 +255,10 @@ class _Flusher:
         #: The core's clock, which the janitor's stall deadlines use.
         self.now = now
         self._on_events = on_events
-        self._marked: dict[_Pump, None] = {}
+        #: Streams whose sender is parked: the flusher writes for them.
+        self._idle: dict[_Pump, None] = {}
+        self._hub: WatchHub | None = None
+        self._streams = 0
         self._scheduled = False
         #: Events written in the current flush, by type (the pumps add to it).
         self.counts: collections.Counter[str] = collections.Counter()
@@ -234,9 +269,29 @@ class _Flusher:
     def statistics(self) -> FanoutStatistics:
         return FanoutStatistics(self.flushes, sum(self._written.values()), self.handed_over)
 
-    def mark(self, pump: _Pump) -> None:
-        self._marked[pump] = None
-        if not self._scheduled:
+    def attach(self, hub: WatchHub) -> None:
+        """A stream starts: listen to the hub while this face has any."""
+        if self._streams == 0:
+            self._hub = hub
+            hub.listen(self._on_commit)
+        self._streams += 1
+
+    def detach(self, pump: _Pump) -> None:
+        self._idle.pop(pump, None)
+        self._streams -= 1
+        if self._streams == 0 and self._hub is not None:
+            self._hub.unlisten(self._on_commit)
+            self._hub = None
+
+    def park(self, pump: _Pump) -> None:
+        self._idle[pump] = None
+
+    def unpark(self, pump: _Pump) -> None:
+        self._idle.pop(pump, None)
+
+    def _on_commit(self) -> None:
+        """Called by the hub, synchronously, after a commit queued events."""
+        if self._idle and not self._scheduled:
             self._scheduled = True
             # Two hops: the writers' handlers, resumed by the same commit, answer first (an
             # acknowledgement must not wait for hundreds of watch writes; with writes in a
@@ -246,10 +301,10 @@ class _Flusher:
     def _flush(self) -> None:
         self._scheduled = False
         self.flushes += 1
-        marked, self._marked = self._marked, {}
         now = self.now()  # the janitor's stall clock
-        for pump in marked:
-            pump.flush(now)
+        framed: dict[tuple[int, int, int, object, int], tuple[list[Delivery], list[_Chunk]]] = {}
+        for pump in list(self._idle):
+            pump.flush(now, framed)
         counts, self.counts = self.counts, collections.Counter()
         self._written.update(counts)
         for event_type, n in counts.items():
@@ -283,48 +338,53 @@ class _Pump:
     def idle(self) -> bool:
         return self._wakeup is not None and not self._wakeup.done()
 
-    def on_change(self) -> None:
-        """Called by the hub, synchronously: events arrived, or the subscription ended."""
-        subscription = self.subscription
-        if subscription.end is not None:
-            if not self.ended.done():
-                self.ended.set_result(subscription.end)
-        elif self.idle:
-            self._flusher.mark(self)
+    def on_end(self) -> None:
+        """Called by the hub, synchronously, when the subscription ends."""
+        end = self.subscription.end
+        if end is not None and not self.ended.done():
+            self.ended.set_result(end)
 
-    def flush(self, now: float) -> None:
-        """Write what is queued, now, if the stream is idle and can take it whole."""
+    def _hand_over(self, carry: list[Delivery]) -> None:
+        """The sender task takes over (and waits until the stream can take more)."""
+        self._flusher.handed_over += 1
+        self._carry = carry
+        self._flusher.unpark(self)
+        assert self._wakeup is not None
+        self._wakeup.set_result(None)
+
+    def flush(self, now: float,
+              framed: dict[tuple[int, int, int, object, int],
+                           tuple[list[Delivery], list[_Chunk]]]) -> None:
+        """Write what is queued, now, if the stream is idle and can take it whole.
+
+        ``framed``: this flush's framings, shared by the streams at the same place in the log
+        (the key pins its batch, so the ids in it name those events for the whole flush)."""
         subscription = self.subscription
         if not self.idle or subscription.end is not None:
             return
-        write_now = self.writer.write_now
-        delivered = subscription.delivered
+        writer = self.writer
+        if not writer.can_write_now():
+            if subscription.pending:
+                self._hand_over([])
+            return
+        limit = writer.frame_limit
+        encode = self._encode
         counts = self._flusher.counts
         while batch := subscription.take(WATCH_BATCH):
-            payloads = [self._encode(d) for d in batch]
-            whole = None not in payloads  # the usual case: every event shown
-            sent = 0
-            while sent < len(batch):  # one frame per write: as many as the window allows
-                while sent < len(batch) and payloads[sent] is None:
-                    delivered(batch[sent], now)
-                    sent += 1
-                run = payloads[sent:] if whole else list(
-                    itertools.takewhile(lambda p: p is not None, payloads[sent:]))
-                if not run:
-                    continue
-                count = write_now(cast(list[bytes], run))
-                if not count:
-                    break
-                for delivery in batch[sent:sent + count]:
-                    delivered(delivery, now)
-                    counts[delivery.event.type] += 1
-                sent += count
-            if sent < len(batch):
-                self._flusher.handed_over += 1
-                self._carry = batch[sent:]
-                assert self._wakeup is not None
-                self._wakeup.set_result(None)  # the sender takes over (and waits)
-                return
+            key = (id(batch[0]), id(batch[-1]), len(batch), encode, limit)
+            known = framed.get(key)
+            if known is None:
+                known = framed[key] = (batch, _chunks(batch, encode, limit))
+            done = 0
+            for data, count, shown in known[1]:
+                if data and not writer.write_framed(data):
+                    self._hand_over(batch[done:])
+                    return
+                subscription.delivered_batch(
+                    batch if count == len(batch) else batch[done:done + count], now)
+                done += count
+                for event_type, n in shown:
+                    counts[event_type] += n
 
     async def send_loop(self) -> None:
         subscription = self.subscription
@@ -333,10 +393,12 @@ class _Pump:
             batch, self._carry = self._carry or subscription.take(WATCH_BATCH), []
             if not batch:
                 self._wakeup = self.loop.create_future()
+                self._flusher.park(self)
                 try:
                     await self._wakeup
                 finally:
                     self._wakeup = None
+                    self._flusher.unpark(self)
                 continue
             payloads = [self._encode(d) for d in batch]
             sent = 0
@@ -367,6 +429,7 @@ def _take_failure(task: asyncio.Future[Any]) -> None:
 
 
 async def _pump(
+    hub: WatchHub,
     stream: Stream[Any, Any],
     subscription: Subscription,
     flusher: _Flusher,
@@ -384,8 +447,9 @@ async def _pump(
     cancel) cancels the sender.
     """
     pump = _Pump(stream, subscription, flusher, on_events, encode)
-    subscription.on_change = pump.on_change
-    pump.on_change()  # it may have ended already
+    subscription.on_end = pump.on_end
+    pump.on_end()  # it may have ended already
+    flusher.attach(hub)
     sender = asyncio.ensure_future(pump.send_loop())
     # A send can fail after the stream already ended, or while this handler is being
     # cancelled (the client reset the stream): nothing is left to report then, so the failure
@@ -399,7 +463,8 @@ async def _pump(
         if ended.done() and pump.writer.writing:
             await asyncio.wait([sender], timeout=finish_grace)
     finally:
-        subscription.on_change = None
+        subscription.on_end = None
+        flusher.detach(pump)
         if not sender.done():
             sender.cancel()
         with contextlib.suppress(asyncio.CancelledError):

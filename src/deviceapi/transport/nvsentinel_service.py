@@ -52,6 +52,17 @@ def to_upstream(gpu: v1.Gpu, info: ObjectInfo | None) -> pb.Gpu:
     return out
 
 
+def _head(number: int, size: int) -> bytes:
+    """The key and length of a length-delimited protobuf field (a message, a repeated item)
+    of ``size`` bytes: what goes before its serialized form."""
+    head = bytearray([number << 3 | 2])
+    while size > 0x7F:
+        head.append(size & 0x7F | 0x80)
+        size >>= 7
+    head.append(size)
+    return bytes(head)
+
+
 def _spec(gpu: pb.Gpu) -> v1.GpuSpec:
     return v1.GpuSpec(uuid=gpu.spec.uuid)
 
@@ -71,6 +82,7 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
     def __init__(self, core: Core, bridge: Bridge) -> None:
         super().__init__(core, bridge)
         self._encoded: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._items: dict[str, tuple[int, bytes]] = {}
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -94,19 +106,42 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
         await self._send_list(stream, data)
 
     def _list_response(self, state: State, namespace: str) -> bytes:
-        """The serialized answer; the all-namespaces one is built once per resource version."""
+        """The serialized answer; the all-namespaces one is built once per resource version.
+
+        Every write changes the version, so under writes nearly every list is built anew:
+        each GPU's upstream form is therefore kept serialized per GPU version, and an answer
+        is those bytes joined under a new list header (only changed GPUs are translated)."""
         cached_rv, cached = self._list_cache
-        if namespace or cached_rv != state.rv or not cached:
-            items = [to_upstream(state.gpus[name], state.info.get(name))
-                     for name in sorted(state.gpus) if in_namespace(state.gpus[name], namespace)]
-            data = pb.ListGpusResponse(gpu_list=pb.GpuList(
-                metadata=pb.ListMeta(resource_version=str(state.rv)), items=items,
-            )).SerializeToString()
-            if namespace:
-                return data
+        if not namespace and cached_rv == state.rv and cached:
+            return cached
+        items = self._upstream_items(state)
+        meta = pb.ListMeta(resource_version=str(state.rv)).SerializeToString()
+        parts = [_head(1, len(meta)), meta]  # GpuList.metadata
+        for name in sorted(state.gpus):
+            if not namespace or in_namespace(state.gpus[name], namespace):
+                item = items[name][1]
+                parts += (_head(2, len(item)), item)  # GpuList.items
+        body = b"".join(parts)
+        data = _head(1, len(body)) + body  # ListGpusResponse.gpu_list
+        if not namespace:
             self._list_cache = (state.rv, data)
-            cached = data
-        return cached
+        return data
+
+    def _upstream_items(self, state: State) -> dict[str, tuple[int, bytes]]:
+        """Every GPU of ``state`` as a serialized upstream ``Gpu``, by name (with the version it
+        was made from); GPUs unchanged since the last call keep their bytes."""
+        known = self._items
+        items: dict[str, tuple[int, bytes]] = {}
+        for name, gpu in state.gpus.items():
+            item = known.get(name)
+            if item is None or item[0] != gpu.resource_version:
+                # The ObjectInfo (uid, generation, creation time) changes only with a write,
+                # and every write gives the GPU a new version.
+                item = (gpu.resource_version,
+                        to_upstream(gpu, state.info.get(name)).SerializeToString())
+            items[name] = item
+        self._items = items
+        return items
 
     async def WatchGpus(self, stream: Stream[pb.WatchGpusRequest, pb.WatchGpusResponse]) -> None:
         with self._errors("WatchGpus"):

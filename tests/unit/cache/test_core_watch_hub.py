@@ -309,6 +309,79 @@ async def test_queue_full_evicts_at_capacity_plus_one_with_last_delivered_versio
     assert rvs(d.event for d in hub.subscribe(end.resume_rv).take(100)) == [3, 4, 5, 6, 7]
 
 
+def modified(state: State, rvs_: range) -> list[Event]:
+    """Events of one commit carrying several (as a batch would), each a new version."""
+    events = []
+    for rv in rvs_:
+        gpu = Gpu()
+        gpu.CopyFrom(state.gpus[name(1)])
+        gpu.resource_version = rv
+        events.append(Event("MODIFIED", gpu))
+    return events
+
+
+async def test_one_shared_log_read_by_cursor_evicts_exactly_past_the_queue() -> None:
+    """Every subscription reads the hub's one log at its own place: a commit tells a hub
+    listener once (however many subscriptions), evicts exactly the subscriptions it leaves
+    more than ``queue_size`` events behind (a commit of several events at once included),
+    each of the others gets every event once and in order, and the log keeps no more than
+    the queue can still ask for."""
+    store = make_store()
+    hub = make_hub(store, queue_size=4)
+    commits: list[int] = []
+    hub.listen(lambda: commits.append(store.state.rv))
+    with trio.fail_after(5):
+        async with running_owner(store):
+            await store.write(register(1))  # rv 1
+            caught_up, fast, busy = hub.subscribe(0), hub.subscribe(0), hub.subscribe(0)
+            for sub in (caught_up, fast, busy):
+                drain(sub)
+            await write_all(store, [touch(1, v) for v in ("False", "True")])  # rv 2, 3
+            got = drain(fast)
+            in_flight = busy.take(1)  # rv 2 handed to the transport, not accepted
+            assert [caught_up.pending, fast.pending, busy.pending] == [2, 0, 2]
+    assert commits == [2, 3]  # rv 1 had nobody to queue for
+    hub.on_commit(store.state, modified(store.state, range(4, 7)))  # one commit of 3
+    assert commits == [2, 3, 3]
+    assert caught_up.end == StreamEnd("evicted", "queue_full", 1)  # 5 behind
+    assert busy.end is None and busy.pending == 5  # 4 queued + 1 in flight: not over
+    hub.on_commit(store.state, modified(store.state, range(7, 8)))
+    assert busy.end == StreamEnd("evicted", "queue_full", 1) and busy.pending == 1
+    assert [d.event.rv for d in in_flight] == [2] and busy.take(10) == []
+    got += drain(fast)
+    for rv in range(8, 100):  # a consumer that keeps up: the log stays bounded
+        hub.on_commit(store.state, modified(store.state, range(rv, rv + 1)))
+        got += drain(fast, 1)
+        assert hub._end - hub._base <= 2 * hub.queue_size
+    assert [d.event.rv for d in got] == list(range(2, 100)) and fast.end is None
+    assert fast.resume_rv == 99 and fast.pending == 0
+    assert hub.statistics().evictions == {"queue_full": 2}
+
+
+async def test_stall_clock_starts_when_work_arrives_for_an_idle_watcher(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The shared log keeps each event's commit time: a watcher with nothing pending starts
+    its stall clock when an event arrives, not when it last delivered; one already behind
+    keeps the clock of its last delivery."""
+    store = make_store()
+    hub = make_hub(store)
+    with trio.fail_after(500):
+        async with running_owner(store):
+            await store.write(register(1))
+            idle, behind = hub.subscribe(0), hub.subscribe(0)
+            drain(idle)
+            behind_item = behind.take(1)  # in flight, never accepted
+            await trio.sleep(100)
+            await store.write(touch(1))
+            await trio.sleep(29)
+            assert hub.evict_stalled(30) == 1  # only `behind`: 129 s since its progress
+            assert behind.end is not None and idle.end is None
+            taken = idle.take(1)  # taking is not accepting: the clock runs from the commit
+            await trio.sleep(1)
+            assert hub.evict_stalled(30) == 1
+    assert taken and behind_item and idle.end == StreamEnd("evicted", "slow_subscriber", 1)
+
+
 async def test_eviction_during_the_snapshot_asks_for_a_relist() -> None:
     store = make_store()
     hub = make_hub(store, queue_size=1)
