@@ -69,36 +69,12 @@ class StreamWriter:
             await self._stream.send_initial_metadata()
             self._started = True
 
-    def write_now(self, messages: Sequence[bytes]) -> int:
-        """Write the first few of ``messages`` at once, without waiting; return how many.
-
-        0 when they cannot go out whole right now (headers not sent yet, transport paused,
-        window too small, a first message larger than a frame, the stream closed): the caller
-        then leaves them to :meth:`write_some`, which waits, and fails the way grpclib does.
-        This is grpclib's ``Stream.send_data`` for data that fits one frame, minus its awaits
-        (they would not have suspended), so a hub can write to every idle stream in one
-        host-loop callback instead of waking one task per stream.
-        """
-        if not self.can_write_now():
-            return 0
-        try:
-            budget = min(self._window(), self._h2.max_outbound_frame_size)
-        except Exception:  # the waiting path meets it again and raises it properly
-            return 0
-        parts: list[bytes] = []
-        size = 0
-        for message in messages:
-            framed = _PREFIX.size + len(message)
-            if size + framed > budget:
-                break
-            parts.append(frame(message))
-            size += framed
-        if not parts or not self.write_framed(b"".join(parts)):
-            return 0
-        return len(parts)
-
     def can_write_now(self) -> bool:
-        """Whether :meth:`write_framed` can write at all (headers sent, transport not paused)."""
+        """Whether :meth:`write_framed` can write at all (headers sent, transport not paused).
+
+        When it cannot, the caller leaves its messages to :meth:`write_some`, which waits, and
+        fails the way grpclib does; a hub can so write to every idle stream in one host-loop
+        callback instead of waking one task per stream."""
         return (self._raw.id is not None and self._started
                 and self._raw.connection.write_ready.is_set())
 
