@@ -34,7 +34,7 @@ from .cache.watcher import run_watch_janitor
 from .client.trio_client import TrioProviderClient
 from .otp import ChildSpec, FaultHook, StartFn, Supervisor
 from .providers.nvml import NvmlBackend, NvmlPoller, PollerOptions, ProviderApi, PynvmlBackend
-from .providers.nvml.poller import HealthLedger
+from .providers.nvml.ledger import HealthLedger
 from .providers.nvml.service import nvml_child
 from .providers.sim import SimulatedProvider
 from .transport.grpc_server import GrpcServer, Listeners, MappingWrapper
