@@ -23,6 +23,7 @@ period), then sends what changed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
@@ -66,6 +67,7 @@ def event_targets(event: NvmlEvent, inventory: Inventory) -> list[GpuDevice]:
     return matches or list(devices)
 
 
+@dataclasses.dataclass(eq=False, slots=True)
 class EventMonitor:
     """The event loop of one incarnation; start it with ``await nursery.start(monitor.run, es)``.
 
@@ -74,39 +76,22 @@ class EventMonitor:
     ``statistics().last_error``.
     """
 
-    def __init__(
-        self,
-        backend: NvmlBackend,
-        call: NvmlCalls,
-        inventory: Inventory,
-        writer: ConditionWriter,
-        *,
-        ignored_xids: XidSet,
-        critical_xids: XidSet,
-        recovery_quiet_period: float,
-        wait_slice_ms: int,
-        call_timeout: float,
-        max_consecutive_wait_errors: int,
-        counts: dict[str, int],
-        on_fault: Callable[[], None],
-        on_error: Callable[[str], None],
-    ) -> None:
-        self._backend = backend
-        self._call = call
-        self._inventory = inventory
-        self._writer = writer
-        self._ledger = writer.ledger
-        self._ignored_xids = ignored_xids
-        self._critical_xids = critical_xids
-        self._quiet = recovery_quiet_period
-        self._slice_ms = wait_slice_ms
-        self._call_timeout = call_timeout
-        self._max_errors = max_consecutive_wait_errors
-        self._counts = counts
-        self._on_fault = on_fault
-        self._on_error = on_error
-        self.running = False
-        """The loop is running; metric nvml_health_monitor_running."""
+    backend: NvmlBackend
+    call: NvmlCalls
+    inventory: Inventory
+    writer: ConditionWriter
+    _: dataclasses.KW_ONLY
+    ignored_xids: XidSet
+    critical_xids: XidSet
+    recovery_quiet_period: float
+    wait_slice_ms: int
+    call_timeout: float
+    max_consecutive_wait_errors: int
+    counts: dict[str, int]
+    on_fault: Callable[[], None]
+    on_error: Callable[[str], None]
+    running: bool = dataclasses.field(default=False, init=False)
+    """The loop is running; metric nvml_health_monitor_running."""
 
     async def run(
         self,
@@ -115,9 +100,9 @@ class EventMonitor:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Wait for events until cancelled (or until too many wait errors in a row)."""
-        slice_ms = self._slice_ms
+        slice_ms = self.wait_slice_ms
         slice_s = slice_ms / 1000
-        wait_limit = slice_s + self._call_timeout
+        wait_limit = slice_s + self.call_timeout
         errors_in_a_row = 0
         self.running = True
         task_status.started()
@@ -125,26 +110,26 @@ class EventMonitor:
             while True:
                 begun = trio.current_time()
                 try:
-                    event = await self._call(
-                        self._backend.event_set_wait, event_set, slice_ms, limit=wait_limit
+                    event = await self.call(
+                        self.backend.event_set_wait, event_set, slice_ms, limit=wait_limit
                     )
                 except NvmlTimeout:
                     errors_in_a_row = 0
                 except NvmlGpuLost as exc:
                     errors_in_a_row = 0
-                    self._counts["gpu_lost"] += 1
+                    self.counts["gpu_lost"] += 1
                     log.error("NVML reports a GPU lost (%s): marking every GPU unhealthy", exc)
                     await self.mark_unhealthy(
-                        list(self._inventory.devices.values()),
+                        list(self.inventory.devices.values()),
                         REASON_GPU_LOST,
                         clip(f"GPU is lost: {exc}"),
                     )
                 except NvmlError as exc:
                     errors_in_a_row += 1
-                    self._counts["wait_errors"] += 1
-                    self._on_error(f"event wait: {exc}")
+                    self.counts["wait_errors"] += 1
+                    self.on_error(f"event wait: {exc}")
                     log.warning("NVML event wait failed (%d in a row): %s", errors_in_a_row, exc)
-                    if errors_in_a_row >= self._max_errors:
+                    if errors_in_a_row >= self.max_consecutive_wait_errors:
                         raise
                 else:
                     errors_in_a_row = 0
@@ -158,7 +143,7 @@ class EventMonitor:
 
     async def _handle_event(self, event: NvmlEvent) -> None:
         if event.kind is not EventKind.XID or event.xid is None:
-            self._counts["other_events"] += 1
+            self.counts["other_events"] += 1
             log.info(
                 "NVML event %#x (%s) on %s",
                 event.event_type,
@@ -167,22 +152,22 @@ class EventMonitor:
             )
             return
         xid = event.xid
-        verdict = classify(xid, self._ignored_xids, self._critical_xids)
+        verdict = classify(xid, self.ignored_xids, self.critical_xids)
         where = event.gpu_uuid or "no device (all GPUs)"
         if verdict is XidClass.IGNORED:
-            self._counts["xid_ignored"] += 1
+            self.counts["xid_ignored"] += 1
             log.debug("%s on %s: ignored", describe(xid), where)
             return
-        targets = event_targets(event, self._inventory)
+        targets = event_targets(event, self.inventory)
         if not targets:
-            self._counts["unmatched_events"] += 1
+            self.counts["unmatched_events"] += 1
             log.info("%s on %s, a GPU we do not register: ignored", describe(xid), where)
             return
         if verdict is XidClass.LOGGED:
-            self._counts["xid_logged"] += 1
+            self.counts["xid_logged"] += 1
             log.warning("%s on %s: logged, NVMLReady unchanged", describe(xid), where)
             return
-        self._counts["xid_critical"] += 1
+        self.counts["xid_critical"] += 1
         log.error(
             "%s on %s: critical, marking %d device(s) unhealthy",
             describe(xid),
@@ -194,12 +179,12 @@ class EventMonitor:
     async def mark_unhealthy(self, devices: Sequence[GpuDevice], reason: str, message: str) -> None:
         """``devices`` False for ``reason``, each with a fresh quiet period from now."""
         now = trio.current_time()
-        not_before = now + self._quiet
+        not_before = now + self.recovery_quiet_period
         for device in devices:
-            self._ledger.set(
+            self.writer.ledger.set(
                 device.uuid,
                 GpuHealth("False", reason, message, last_fault=now, not_before=not_before),
             )
-        self._on_fault()
-        async with self._writer.lock:
-            await self._writer.flush_locked([d.uuid for d in devices])
+        self.on_fault()
+        async with self.writer.lock:
+            await self.writer.flush_locked([d.uuid for d in devices])

@@ -53,6 +53,7 @@ def probe_health(backend: NvmlBackend, device: GpuDevice) -> str | None:
     return None
 
 
+@dataclasses.dataclass(eq=False, slots=True)
 class Recovery:
     """The recovery loop of one incarnation; run it with ``nursery.start_soon(recovery.run)``.
 
@@ -61,24 +62,14 @@ class Recovery:
     counts the GPUs it turned True.
     """
 
-    def __init__(
-        self,
-        backend: NvmlBackend,
-        call: NvmlCalls,
-        inventory: Inventory,
-        writer: ConditionWriter,
-        *,
-        recovery_quiet_period: float,
-        counts: dict[str, int],
-    ) -> None:
-        self._backend = backend
-        self._call = call
-        self._inventory = inventory
-        self._writer = writer
-        self._ledger = writer.ledger
-        self._quiet = recovery_quiet_period
-        self._counts = counts
-        self._wakeup = trio.Event()
+    backend: NvmlBackend
+    call: NvmlCalls
+    inventory: Inventory
+    writer: ConditionWriter
+    _: dataclasses.KW_ONLY
+    recovery_quiet_period: float
+    counts: dict[str, int]
+    _wakeup: trio.Event = dataclasses.field(default_factory=trio.Event, init=False)
 
     def wake(self) -> None:
         """Look at the ledger again now."""
@@ -91,8 +82,8 @@ class Recovery:
             now = trio.current_time()
             due: list[tuple[GpuDevice, GpuHealth]] = []
             next_at = math.inf
-            for device in self._inventory.devices.values():
-                health = self._ledger.get(device.uuid)
+            for device in self.inventory.devices.values():
+                health = self.writer.ledger.get(device.uuid)
                 if health is None or health.status == "True":
                     continue
                 if health.not_before <= now:
@@ -108,13 +99,13 @@ class Recovery:
 
     async def _try_recover(self, device: GpuDevice, health: GpuHealth) -> None:
         try:
-            problem = await self._call(probe_health, self._backend, device)
+            problem = await self.call(probe_health, self.backend, device)
         except NvmlError as exc:
             problem = str(exc)
-        async with self._writer.lock:
-            if self._ledger.get(device.uuid) is not health:
+        async with self.writer.lock:
+            if self.writer.ledger.get(device.uuid) is not health:
                 return  # a new fault arrived while probing; its own quiet period applies
-            quiet = self._quiet
+            quiet = self.recovery_quiet_period
             if problem is not None:
                 log.info(
                     "%s still unhealthy (%s); next check in %g s",
@@ -122,12 +113,12 @@ class Recovery:
                     problem,
                     max(quiet, 1.0),
                 )
-                self._ledger.set(
+                self.writer.ledger.set(
                     device.uuid,
                     dataclasses.replace(health, not_before=trio.current_time() + max(quiet, 1.0)),
                 )
                 return
-            self._ledger.set(
+            self.writer.ledger.set(
                 device.uuid,
                 GpuHealth(
                     "True",
@@ -139,6 +130,6 @@ class Recovery:
                     last_fault=health.last_fault,
                 ),
             )
-            self._counts["recoveries"] += 1
+            self.counts["recoveries"] += 1
             log.info("%s recovered after %s", device.uuid, health.reason)
-            await self._writer.flush_locked([device.uuid])
+            await self.writer.flush_locked([device.uuid])
