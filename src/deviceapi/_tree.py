@@ -31,7 +31,7 @@ from .cache.slow_consumers import run_slow_consumer_janitor
 from .client.trio_client import TrioProviderClient
 from .otp import ChildSpec, StartFn, Strategy, Supervisor, supervisor_spec
 from .providers.nvml import NvmlBackend, NvmlPoller, PollerOptions
-from .providers.nvml.poller import HealthLedger
+from .providers.nvml.ledger import HealthLedger
 from .providers.nvml.service import nvml_child
 from .providers.sim import SimulatedProvider
 from .transport.grpc_server import GrpcServer
