@@ -200,9 +200,14 @@ class ChaosReport:
             found.append(f"root supervisor restarted {self.root_restarts} children for "
                          f"{self.grpc_faults_fired} injected gRPC crashes")
         found += [f"NVML verdict not in the server: {m}" for m in self.nvml_mismatches[:10]]
-        if self.nvml_restarts != self.nvml_faults_fired:
-            found.append(f"NVML provider restarts {self.nvml_restarts:g} != NVML crashes fired "
-                         f"{self.nvml_faults_fired}")
+        # Every NVML crash restarts the nvml child once; so may a gRPC crash, whose restart
+        # drops the provider's loopback connection (it reconnects through its supervisor,
+        # counted since issue 13) — but nothing else may.
+        extra = self.nvml_restarts - self.nvml_faults_fired
+        if not 0 <= extra <= self.grpc_faults_fired:
+            found.append(f"NVML provider restarts {self.nvml_restarts:g} for "
+                         f"{self.nvml_faults_fired} NVML crashes and {self.grpc_faults_fired} "
+                         f"gRPC crashes fired")
         if self.owner_restarts != self.owner_faults_fired:
             found.append(f"CacheOwner restarts {self.owner_restarts:g} != crash/exit faults "
                          f"fired {self.owner_faults_fired}")

@@ -1,21 +1,17 @@
-"""The runtime: owns the asyncio-on-trio loop, the core state, and the root supervision tree.
+"""The runtime: owns the asyncio-on-trio loop, the core, and the root supervision tree.
 
-    root (one_for_one)
-    ├── core (rest_for_one): cache_owner → readiness_timer → heartbeat_monitor → watch_janitor
-    ├── grpc (the listeners; a crash restarts them on the same socket path)
-    ├── http (healthz/readyz, metrics: after the listeners, so READY is never served before them)
-    └── providers (one_for_one, optional): simulator, nvml poller
-
-``open_runtime`` yields a started :class:`Runtime`: started means every listener is bound and
-every actor is serving. ``Runtime.shutdown`` runs SPEC §6's graceful sequence; leaving the
-context without it cancels everything (the forced path).
+``open_runtime`` builds the handles (metrics, the core with its observer, the gRPC and HTTP
+servers, the embedded providers' state), hands them to the declared tree (``_tree``), and
+yields a started :class:`Runtime`: started means every listener is bound and every actor is
+serving. ``Runtime.shutdown`` runs SPEC §6's graceful sequence; leaving the context without it
+cancels everything (the forced path).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol, runtime_checkable
 
@@ -25,27 +21,21 @@ from prometheus_client import CollectorRegistry
 from . import __version__, _bridge
 from ._bridge import Bridge
 from ._config import Config, bind_host
+from ._tree import EmbeddedNvml, Handles, Loopback, no_faults, root_supervisor
 from .cache import health
+from .cache._store import Limits
 from .cache.cache_owner import CacheOwner
-from .cache.core import Core, Observer
-from .cache.provider_session import run_heartbeat_monitor
-from .cache.readiness import run_readiness_timer
-from .cache.watcher import run_watch_janitor
-from .client.trio_client import TrioProviderClient
-from .otp import ChildSpec, FaultHook, StartFn, Supervisor
-from .providers.nvml import NvmlBackend, NvmlPoller, PollerOptions, ProviderApi, PynvmlBackend
-from .providers.nvml.poller import HealthLedger
-from .providers.nvml.service import nvml_child
-from .providers.sim import SimulatedProvider
+from .cache.core import Core, CoreSettings, Observer
+from .otp import FaultHook, StartFn, Supervisor
+from .providers.nvml import NvmlBackend, NvmlPoller, PollerOptions, PynvmlBackend
 from .transport.grpc_server import GrpcServer, Listeners, MappingWrapper
-from .transport.http import health_app, metrics_app, serve_http
+from .transport.http import HttpEndpoints, HttpPorts
 from .transport.metrics import ServerMetrics
 
 log = logging.getLogger("deviceapi.app")
 
 #: Seconds of the shutdown timeout kept for ending undrained watch streams with a status.
 STREAM_END_GRACE = 1.0
-
 
 
 @dataclasses.dataclass(slots=True)
@@ -55,15 +45,29 @@ class Runtime:
     config: Config
     core: Core
     grpc: GrpcServer
-    listeners: Listeners
-    http_ports: HttpPorts
+    http: HttpEndpoints
     metrics: ServerMetrics
     root: Supervisor
     cancel_scope: trio.CancelScope
     #: The run's trio/asyncio bridge (what crosses goes through it).
     bridge: Bridge
-    #: Every NVML poller incarnation so far (the last one is current); empty without NVML.
-    nvml_pollers: list[NvmlPoller] = dataclasses.field(default_factory=list)
+    #: The embedded NVML provider's state (None without ``--enable-nvml-provider``).
+    nvml: EmbeddedNvml | None = None
+
+    @property
+    def listeners(self) -> Listeners:
+        """Where the current gRPC listeners are."""
+        return self.grpc.listeners
+
+    @property
+    def http_ports(self) -> HttpPorts:
+        """The bound health and metrics ports."""
+        return self.http.ports
+
+    @property
+    def nvml_pollers(self) -> list[NvmlPoller]:
+        """Every NVML poller incarnation so far (the last one is current); empty without NVML."""
+        return self.nvml.pollers if self.nvml is not None else []
 
     async def shutdown(self) -> None:
         """SPEC §6: not ready → shutdown-delay → stop accepting → drain watches (then OK) and
@@ -103,29 +107,45 @@ class ChildFaults(Protocol):
     def wrap(self, actor: str, start: StartFn) -> StartFn: ...
 
 
-@dataclasses.dataclass(slots=True)
-class HttpPorts:
-    """The bound HTTP ports (they differ from the flags when those ask for port 0)."""
+def core_settings(config: Config) -> CoreSettings:
+    """The part of the server's Config the core is built from."""
+    return CoreSettings(
+        limits=Limits(max_gpus=config.max_gpus, max_conditions=config.max_conditions,
+                      max_object_bytes=config.max_object_bytes),
+        watch_history=config.watch_history,
+        max_watchers=config.max_watchers,
+        watch_queue=config.watch_queue,
+        subscribe_rate=config.subscribe_rate,
+        subscribe_burst=config.subscribe_burst,
+        min_gpus=config.min_gpus,
+        provider_timeout=config.provider_timeout,
+        heartbeat_timeout=config.heartbeat_timeout,
+        slow_consumer_timeout=config.slow_subscriber_timeout,
+        problem_conditions=config.problem_conditions,
+    )
 
-    health: int = 0
-    metrics: int = 0
+
+def metrics_observer(metrics: ServerMetrics) -> Observer:
+    """The core's counter hooks, feeding the server's metrics."""
+    return Observer(
+        on_update=metrics.count_update,
+        on_reject=metrics.count_rejected,
+        on_watch_event=metrics.count_watch_event,
+        on_evict=metrics.count_eviction,
+        on_heartbeat_timeout=lambda provider: metrics.count_heartbeat_timeout(),
+        on_ingest=metrics.count_ingest,
+    )
 
 
-def build_metrics(core: Core, metrics: ServerMetrics) -> None:
-    """Connect the metrics to the core: push hooks, readiness, and scrape-time refreshers."""
-    observer = core.observer
-    observer.on_update = metrics.count_update
-    observer.on_reject = metrics.count_rejected
-    observer.on_watch_event = metrics.count_watch_event
-    observer.on_evict = metrics.count_eviction
-    observer.on_heartbeat_timeout = lambda provider: metrics.count_heartbeat_timeout()
-    observer.on_ingest = metrics.count_ingest
+def connect_metrics(core: Core, metrics: ServerMetrics) -> None:
+    """The metrics the core does not push: readiness, and the scrape-time refreshers."""
     core.gate.add_listener(lambda state: metrics.set_readiness(state.value))
     metrics.set_nvml_provider_enabled(False)
+    problem_conditions = core.settings.problem_conditions
 
     def refresh_core() -> None:
         state = core.store.state
-        counts = health.count(state.gpus.values(), core.config.problem_conditions)
+        counts = health.count(state.gpus.values(), problem_conditions)
         metrics.set_cache_gpus(total=counts.total, healthy=counts.healthy,
                                unhealthy=counts.unhealthy, unknown=counts.unknown)
         metrics.set_cache_resource_version(state.rv)
@@ -135,12 +155,24 @@ def build_metrics(core: Core, metrics: ServerMetrics) -> None:
     metrics.add_refresher(refresh_core)
 
 
+def connect_nvml_metrics(nvml: EmbeddedNvml, metrics: ServerMetrics) -> None:
+    """The NVML provider's gauges, from its current poller at scrape time."""
+
+    def refresh_nvml() -> None:
+        if nvml.pollers:
+            stats = nvml.pollers[-1].statistics()
+            metrics.set_nvml_provider_enabled(stats.enabled)
+            metrics.set_nvml_gpu_count(stats.gpus)
+            metrics.set_nvml_health_monitor_running(stats.monitor_running)
+
+    metrics.add_refresher(refresh_nvml)
+
+
 @asynccontextmanager
 async def open_runtime(
     config: Config,
     *,
     faults: FaultHook | None = None,
-    observer: Observer | None = None,
     grpc_wrappers: list[MappingWrapper] | None = None,
     nvml_backend: Callable[[], NvmlBackend] | None = None,
     version_base: int | None = None,
@@ -153,146 +185,35 @@ async def open_runtime(
     versions never repeat across restarts (SPEC §2)."""
     bridge = _bridge.current()  # made by the runner (_bridge.run), passed on as a handle
     async with bridge.open_loop():
-        core = Core.build(config, observer, version_base=version_base)
         metrics = ServerMetrics(CollectorRegistry(), version=__version__, node=config.node_name)
-        build_metrics(core, metrics)
-        grpc = GrpcServer(core, config, [metrics.instrument, *(grpc_wrappers or [])],
+        core = Core.build(core_settings(config), metrics_observer(metrics),
+                          version_base=version_base)
+        connect_metrics(core, metrics)
+        grpc = GrpcServer(core.port, config, [metrics.instrument, *(grpc_wrappers or [])],
                           bridge=bridge)
-        owner = CacheOwner(core.store, faults=faults,
-                           on_update=lambda operation: core.observer.on_update(operation))
-        restarts = metrics.count_restart
-
-        def injectable(name: str, start: StartFn) -> StartFn:
-            """Let the fault kit crash, hang or stop this plain (non-actor) child by name."""
-            return faults.wrap(name, start) if isinstance(faults, ChildFaults) else start
-
-        core_tree = Supervisor(
-            "core",
-            [
-                ChildSpec("cache_owner", owner.run),
-                ChildSpec("readiness_timer", _bind(run_readiness_timer, core.gate),
-                          restart="transient"),
-                ChildSpec("heartbeat_monitor", injectable(
-                    "heartbeat_monitor",
-                    _bind(run_heartbeat_monitor, core.sessions, core.store.submit))),
-                ChildSpec("watch_janitor", injectable(
-                    "watch_janitor",
-                    _bind(run_watch_janitor, core.hub, config.slow_subscriber_timeout))),
-            ],
-            strategy="rest_for_one",
-            max_restarts=10,
-            period=5.0,
-            on_restart=restarts,
-        )
-        listeners_box: list[Listeners] = []
-
-        async def run_grpc(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                           ) -> None:
-            async with trio.open_nursery() as nursery:
-                listeners_box.append(await nursery.start(grpc.run))
-                task_status.started()
-
-        http_ports = HttpPorts()
-
-        async def run_http(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                           ) -> None:
-            gate = core.gate
-            async with trio.open_nursery() as nursery:
-                http_ports.health = await nursery.start(
-                    serve_http, bind_host(config.health_address), config.health_port,
-                    health_app(lambda: (gate.serving, gate.reason())))
-                http_ports.metrics = await nursery.start(
-                    serve_http, bind_host(config.metrics_address), config.metrics_port,
-                    metrics_app(metrics))
-                task_status.started()
-
-        children = [
-            ChildSpec("core", core_tree.run, type="supervisor", shutdown=float("inf")),
-            ChildSpec("grpc", injectable("grpc", run_grpc), shutdown=config.shutdown_timeout + 5),
-            # After the listeners: /readyz must never answer 200 before the gRPC socket exists
-            # (with --min-gpus 0 the gate is READY at once).
-            ChildSpec("http", run_http),
-        ]
-        pollers: list[NvmlPoller] = []
-        make_backend = nvml_backend or (lambda: PynvmlBackend(config.nvml_driver_root))
-        provider_specs = _provider_children(config, lambda: listeners_box[-1], metrics,
-                                            injectable, make_backend, pollers, bridge)
-        if provider_specs:
-            children.append(ChildSpec(
-                "providers",
-                Supervisor("providers", provider_specs, max_restarts=5, period=30.0,
-                           on_restart=restarts).run,
-                type="supervisor", shutdown=float("inf")))
-        root = Supervisor("root", children, strategy="one_for_one", max_restarts=3, period=5.0,
-                          on_restart=restarts)
+        gate = core.gate
+        http = HttpEndpoints((bind_host(config.health_address), config.health_port),
+                             (bind_host(config.metrics_address), config.metrics_port),
+                             lambda: (gate.serving, gate.reason()), metrics)
+        nvml = None
+        if config.enable_nvml_provider:
+            nvml = EmbeddedNvml(
+                nvml_backend or (lambda: PynvmlBackend(config.nvml_driver_root)),
+                PollerOptions.from_config(
+                    config, provider_id=f"nvml-{config.node_name or 'node'}"))
+            connect_nvml_metrics(nvml, metrics)
+        handles = Handles(
+            config=config, core=core,
+            owner=CacheOwner(core.store, faults=faults, on_update=core.observer.on_update),
+            grpc=grpc, http=http, loopback=Loopback(grpc, bridge), nvml=nvml,
+            on_restart=metrics.count_restart,
+            injectable=faults.wrap if isinstance(faults, ChildFaults) else no_faults)
+        root = root_supervisor(handles)
         async with trio.open_nursery() as nursery:
             await nursery.start(root.run)
-            runtime = Runtime(config, core, grpc, listeners_box[-1], http_ports, metrics, root,
-                              nursery.cancel_scope, bridge, pollers)
+            runtime = Runtime(config, core, grpc, http, metrics, root, nursery.cancel_scope,
+                              bridge, nvml)
             try:
                 yield runtime
             finally:
                 nursery.cancel_scope.cancel()
-
-
-def _bind(fn: Callable[..., Awaitable[None]], *args: object) -> Callable[..., Awaitable[None]]:
-    """A start function for a ChildSpec from a task function and its leading arguments."""
-
-    async def start(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await fn(*args, task_status=task_status)
-
-    return start
-
-
-async def connect_loopback(listeners: Listeners, bridge: Bridge) -> TrioProviderClient:
-    """How an in-process provider reaches this server: through the public API."""
-    if listeners.unix_socket:
-        return await TrioProviderClient.connect(unix_socket=listeners.unix_socket,
-                                                bridge=bridge)
-    return await TrioProviderClient.connect(address=f"127.0.0.1:{listeners.tcp_port}",
-                                            bridge=bridge)
-
-
-def _provider_children(config: Config, listeners: Callable[[], Listeners],
-                       metrics: ServerMetrics,
-                       injectable: Callable[[str, StartFn], StartFn],
-                       make_backend: Callable[[], NvmlBackend],
-                       pollers: list[NvmlPoller], bridge: Bridge) -> list[ChildSpec]:
-    """Built-in providers (each a child that reaches the server over loopback)."""
-    specs: list[ChildSpec] = []
-    if config.enable_nvml_provider:
-        ledger = HealthLedger()  # outlives restarts of the nvml child
-
-        def refresh_nvml() -> None:
-            if pollers:
-                stats = pollers[-1].statistics()
-                metrics.set_nvml_provider_enabled(stats.enabled)
-                metrics.set_nvml_gpu_count(stats.gpus)
-                metrics.set_nvml_health_monitor_running(stats.monitor_running)
-
-        metrics.add_refresher(refresh_nvml)
-
-        async def connect() -> ProviderApi:
-            return await connect_loopback(listeners(), bridge)
-
-        options = PollerOptions.from_config(
-            config, provider_id=f"nvml-{config.node_name or 'node'}")
-
-        specs.append(nvml_child(make_backend, connect, options, ledger=ledger,
-                                on_poller=pollers.append, wrap=injectable))
-    if config.simulate:
-
-        async def simulator(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                            ) -> None:
-            api = await connect_loopback(listeners(), bridge)
-            try:
-                provider = SimulatedProvider(
-                    api, config.simulate, heartbeat_interval=config.heartbeat_timeout / 3,
-                    flap_interval=config.simulate_flap_interval)
-                await provider.run(task_status=task_status)
-            finally:
-                api.close()
-
-        specs.append(ChildSpec("simulator", injectable("simulator", simulator),
-                               restart="transient"))
-    return specs

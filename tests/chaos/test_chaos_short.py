@@ -52,7 +52,9 @@ async def test_short_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     assert {f.kind for f in report.faults} == set(KINDS)
     assert report.writes_acked > 0
     assert report.owner_restarts == report.owner_faults_fired > 0
-    assert report.nvml_restarts == report.nvml_faults_fired > 0
+    # Each NVML crash restarts it; a gRPC crash may too (its loopback connection drops).
+    assert report.nvml_faults_fired > 0
+    assert 0 <= report.nvml_restarts - report.nvml_faults_fired <= report.grpc_faults_fired
     assert report.process_kills > 0 and report.process_starts > report.process_kills
     assert report.xids["delivered"] > 0
 

@@ -28,7 +28,7 @@ from deviceapi.providers.nvml import (
     run_inline,
 )
 from deviceapi.providers.nvml._fake import GiB, gpu_uuid
-from deviceapi.providers.nvml.poller import HealthLedger
+from deviceapi.providers.nvml.ledger import HealthLedger
 from deviceapi.testing.runtime import make_test_config, open_client, open_test_runtime, run_aio
 
 PROVIDER = "nvml-it"

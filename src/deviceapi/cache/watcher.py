@@ -8,11 +8,12 @@ and nothing can run between the two.
 The hub is a commit listener: on every commit it appends the events, encoded once, to a log all
 subscriptions share; each subscription reads it by cursor, so a commit costs the same however
 many watchers there are. A subscription whose live queue (its distance to the log's end) is
-longer than the queue size is evicted on the spot; one whose
-consumer has not accepted an event for the slow-subscriber timeout is evicted by the
-:func:`run_watch_janitor` task. An evicted stream ends with RESOURCE_EXHAUSTED and the version
-to resume from, so a watcher never receives a stream with a hole in it, and one stalled client
-never delays anyone else (appending is O(1) and never waits).
+longer than the queue size is evicted on the spot; one whose consumer has not accepted an
+event for the slow-subscriber timeout is evicted by the
+:func:`~deviceapi.cache.slow_consumers.run_slow_consumer_janitor` task (the one slow-consumer
+policy, shared with list answers). An evicted stream ends with RESOURCE_EXHAUSTED and the
+version to resume from, so a watcher never receives a stream with a hole in it, and one
+stalled client never delays anyone else (appending is O(1) and never waits).
 
 Design note (differs from ARCHITECTURE's one-actor-per-watcher sketch, same promises): the only
 timer a watcher needs is the stall deadline, so one janitor task checks all subscriptions and
@@ -34,6 +35,7 @@ import trio
 from .._errors import OutOfRange, ResourceExhausted, Unavailable
 from ..proto.device.v1alpha1.gpu_pb2 import Gpu, WatchGpusResponse
 from ._store import Event, State
+from .slow_consumers import SlowConsumerPolicy
 
 log = logging.getLogger("deviceapi.watch")
 
@@ -239,12 +241,14 @@ class WatchHub:
     def __init__(self, *, read_state: Callable[[], State],
                  events_after: Callable[[int], list[Event] | None],
                  max_watchers: int, queue_size: int, subscribe_rate: float,
-                 subscribe_burst: int) -> None:
+                 subscribe_burst: int, clock: Callable[[], float] = trio.current_time) -> None:
         self._read_state = read_state
+        #: The core's clock (subscribe rate, the stall clock's start).
+        self._clock = clock
         self._events_after = events_after
         self.max_watchers = max_watchers
         self.queue_size = queue_size
-        self._bucket = TokenBucket(subscribe_rate, subscribe_burst, trio.current_time())
+        self._bucket = TokenBucket(subscribe_rate, subscribe_burst, clock())
         self._subs: dict[int, Subscription] = {}
         self._ids = itertools.count(1)
         self._subscribed_total = 0
@@ -276,7 +280,7 @@ class WatchHub:
             raise ResourceExhausted(
                 f"too many watchers (limit {self.max_watchers})", "max_watchers"
             )
-        now = trio.current_time()
+        now = self._clock()
         if not self._bucket.try_take(now):
             raise ResourceExhausted(
                 f"watch subscribe rate exceeded ({self._bucket.rate:g}/s, "
@@ -353,7 +357,7 @@ class WatchHub:
                 self._added_cache.pop(event.gpu.metadata.name, None)
         if not events or not self._subs:
             return
-        now = trio.current_time()
+        now = self._clock()
         self._log += [Delivery(e, e.rv, encode_event(e)) for e in events]
         self._times += [now] * len(events)
         before, self._end = self._end, self._end + len(events)
@@ -408,9 +412,11 @@ class WatchHub:
             self.on_evict(reason)
         sub._finish(StreamEnd("evicted", reason, sub.resume_rv))
 
-    def evict_stalled(self, timeout: float) -> int:
-        now = trio.current_time()
-        stalled = [s for s in self._subs.values() if s.end is None and s.stalled(now, timeout)]
+    def evict_stalled(self, policy: SlowConsumerPolicy) -> int:
+        """Evict every subscription ``policy`` finds stalled (the janitor's sweep)."""
+        now = policy.clock()
+        stalled = [s for s in self._subs.values()
+                   if s.end is None and s.stalled(now, policy.timeout)]
         for sub in stalled:
             self.evict(sub, "slow_subscriber")
         return len(stalled)
@@ -464,21 +470,3 @@ class WatchHub:
             events_delivered=self._delivered_closed
             + sum(s.delivered_events for s in self._subs.values()),
         )
-
-
-async def run_watch_janitor(
-    hub: WatchHub,
-    timeout: float,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Evict subscriptions that have left an event unaccepted for ``timeout`` seconds.
-
-    Checks a few times per timeout period, so an eviction comes at most a quarter of the
-    timeout (capped at 1 s) late. Holds no state: a restart loses nothing.
-    """
-    interval = min(1.0, timeout / 4)
-    task_status.started()
-    while True:
-        await trio.sleep(interval)
-        hub.evict_stalled(timeout)

@@ -20,7 +20,6 @@ import trio
 from .. import _bridge
 from .._app import Runtime, open_runtime
 from .._config import Config
-from ..cache.core import Observer
 from ..client import DeviceApiClient
 from ..otp import FaultHook
 from ..providers.nvml import NvmlBackend
@@ -47,7 +46,6 @@ async def open_test_runtime(
     config: Config | None = None,
     *,
     faults: FaultHook | None = None,
-    observer: Observer | None = None,
     nvml_backend: Callable[[], NvmlBackend] | None = None,
     version_base: int | None = None,
 ) -> AsyncIterator[Runtime]:
@@ -57,7 +55,7 @@ async def open_test_runtime(
     (e.g. ``lambda: fake`` for a :class:`deviceapi.providers.nvml.FakeNvml`). ``version_base``:
     where resource versions start (default: from the wall clock, as the server does; 0 lets
     a test that is not about restarts write its expected versions as 1, 2, 3...)."""
-    async with open_runtime(config or make_test_config(), faults=faults, observer=observer,
+    async with open_runtime(config or make_test_config(), faults=faults,
                             nvml_backend=nvml_backend, version_base=version_base) as rt:
         yield rt
 

@@ -1,4 +1,7 @@
-"""Asyncio-side helpers every handler uses: write through the CacheOwner, read-your-writes."""
+"""Asyncio-side helpers every handler uses: write through the CacheOwner, read-your-writes.
+
+Both cross to the core through its port and wait on the handler's own loop (the bridge turns
+the port's reply into an awaitable)."""
 
 from __future__ import annotations
 
@@ -7,26 +10,18 @@ from typing import Any
 from .._bridge import Bridge
 from ..cache import _store as store_ops
 from ..cache._store import Command, Result
-from ..cache.core import Core
-from ..otp import Reply
+from ..cache.port import CorePort
 
 
-async def write(bridge: Bridge, core: Core, command: Command) -> Result:
+async def write(bridge: Bridge, port: CorePort, command: Command) -> Result:
     """Submit a write to the CacheOwner and wait for its result (the direct crossing)."""
-    return await bridge.call(lambda reply: core.store.submit(command, reply))
+    return await bridge.call(lambda reply: port.submit(command, reply))
 
 
-async def read_barrier(bridge: Bridge, core: Core) -> None:
+async def read_barrier(bridge: Bridge, port: CorePort) -> None:
     """Wait for the writes queued before this read; never for later ones."""
-    store = core.store
-    ticket = store.ticket()
-    if store.is_processed(ticket):
-        return
-
-    def wait_for_ticket(reply: Reply[None]) -> None:
-        store.add_ticket_waiter(ticket, reply)
-
-    await bridge.call(wait_for_ticket)
+    if port.writes_pending():
+        await bridge.call(port.after_pending)
 
 
 def provider_of(metadata: Any) -> str:
@@ -35,10 +30,10 @@ def provider_of(metadata: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def writer_of(core: Core, stream: Any) -> str:
+def writer_of(port: CorePort, stream: Any) -> str:
     """The provider id a write comes from (its ``x-provider-id`` header), validated; its
     provider session is touched, as on every API's writes (SPEC §4)."""
     provider = provider_of(stream.metadata)
     store_ops.validate_provider(provider)
-    core.sessions.touch(provider)
+    port.touch(provider)
     return provider

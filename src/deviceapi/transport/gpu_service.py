@@ -19,8 +19,8 @@ from .._bridge import Bridge
 from .._errors import InvalidArgument, NotFound
 from ..cache import _store as store_ops
 from ..cache._store import State
-from ..cache.core import Core
-from ..cache.watcher import Delivery, StreamEnd, Subscription, WatchHub
+from ..cache.port import CorePort
+from ..cache.watcher import Delivery, StreamEnd, Subscription
 from ..proto.device.v1alpha1 import gpu_grpc
 from ..proto.device.v1alpha1 import gpu_pb2 as pb
 from ._calls import read_barrier, write, writer_of
@@ -44,10 +44,10 @@ class Face:
 
     service_name = SERVICE
 
-    def __init__(self, core: Core, bridge: Bridge) -> None:
-        self.core = core
+    def __init__(self, port: CorePort, bridge: Bridge, max_receive: int) -> None:
+        self.port = port
         self.bridge = bridge
-        self._limit = core.config.max_receive_message_bytes
+        self._limit = max_receive
         self._list_cache: tuple[int, bytes] = (-1, b"")
         self._list_senders = asyncio.Semaphore(LIST_SENDERS)
         self._flusher: _Flusher | None = None
@@ -56,7 +56,7 @@ class Face:
         """This face's flusher (made on the first watch, on the handlers' loop)."""
         if self._flusher is None:
             self._flusher = _Flusher(asyncio.get_running_loop(),
-                                     self.core.observer.on_watch_event, self.core.now)
+                                     self.port.observer.on_watch_event, self.port.now)
         return self._flusher
 
     def fanout_statistics(self) -> FanoutStatistics:
@@ -66,12 +66,12 @@ class Face:
         return self._flusher.statistics()
 
     def _errors(self, method: str) -> contextlib.AbstractContextManager[None]:
-        return rpc_errors(f"{self.service_name}/{method}", self.core.observer.on_reject)
+        return rpc_errors(f"{self.service_name}/{method}", self.port.observer.on_reject)
 
     async def _read_request(self, stream: Stream[Any, Any]) -> Any:
         """A consumer read's request, once the gate is open (SPEC §4)."""
         request = await recv_request(stream, self._limit)
-        self.core.gate.check_read()
+        self.port.check_read()
         return request
 
     async def _send_list(self, stream: Stream[Any, Any], data: bytes) -> None:
@@ -79,10 +79,18 @@ class Face:
 
         grpclib copies the whole answer into a frame buffer per call: with every informer
         relisting at once that is hundreds of megabytes, so only a few go out at a time, and a
-        client that does not read its answer loses its slot after the slow-subscriber timeout.
+        client that does not read its answer loses its slot after the slow-consumer timeout
+        (the same policy and sweep as a watch that stopped reading).
         """
-        async with self._list_senders, asyncio.timeout(self.core.config.slow_subscriber_timeout):
-            await stream.send_message(PreEncoded(data))
+        async with self._list_senders, asyncio.timeout(None) as deadline:
+            loop = asyncio.get_running_loop()
+            slow_consumers = self.port.slow_consumers
+            # Cut off by the core's slow-consumer sweep, on the core's clock, like a watch.
+            token = slow_consumers.begin(lambda: deadline.reschedule(loop.time()))
+            try:
+                await stream.send_message(PreEncoded(data))
+            finally:
+                slow_consumers.finish(token)
 
 
 class GpuService(Face, gpu_grpc.GpuServiceBase):
@@ -92,8 +100,8 @@ class GpuService(Face, gpu_grpc.GpuServiceBase):
         with self._errors("GetGpu"):
             request = await self._read_request(stream)
             store_ops.validate_name(request.name)
-            await read_barrier(self.bridge, self.core)
-            gpu = self.core.store.state.gpus.get(request.name)
+            await read_barrier(self.bridge, self.port)
+            gpu = self.port.read().gpus.get(request.name)
             if gpu is None:
                 raise NotFound(f"gpu {request.name!r} not found")
         await stream.send_message(pb.GetGpuResponse(gpu=gpu))
@@ -101,8 +109,8 @@ class GpuService(Face, gpu_grpc.GpuServiceBase):
     async def ListGpus(self, stream: Stream[pb.ListGpusRequest, pb.ListGpusResponse]) -> None:
         with self._errors("ListGpus"):
             await self._read_request(stream)
-            await read_barrier(self.bridge, self.core)
-            data = self._list_response(self.core.store.state)
+            await read_barrier(self.bridge, self.port)
+            data = self._list_response(self.port.read())
         await self._send_list(stream, data)
 
     def _list_response(self, state: State) -> bytes:
@@ -118,13 +126,12 @@ class GpuService(Face, gpu_grpc.GpuServiceBase):
         return cached
 
     async def WatchGpus(self, stream: Stream[pb.WatchGpusRequest, pb.WatchGpusResponse]) -> None:
-        hub = self.core.hub
         with self._errors("WatchGpus"):
             request = await self._read_request(stream)
             from_rv = store_ops.parse_version(request.opts.resource_version,
                                               "opts.resource_version")
-            subscription = hub.subscribe(from_rv)
-        await serve_watch(self.core, stream, subscription, _as_sent, self.watch_flusher())
+            subscription = self.port.subscribe(from_rv)
+        await serve_watch(self.port, stream, subscription, _as_sent, self.watch_flusher())
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -134,7 +141,7 @@ class GpuService(Face, gpu_grpc.GpuServiceBase):
             if not request.HasField("gpu"):
                 raise InvalidArgument("gpu is required")
             provider = self._provider(stream)
-            result = await write(self.bridge, self.core, store_ops.CreateGpu(request.gpu, provider))
+            result = await write(self.bridge, self.port, store_ops.CreateGpu(request.gpu, provider))
         await stream.send_message(pb.CreateGpuResponse(gpu=result.gpu, created=result.created))
 
     async def UpdateGpu(self, stream: Stream[pb.UpdateGpuRequest, pb.UpdateGpuResponse]) -> None:
@@ -143,7 +150,7 @@ class GpuService(Face, gpu_grpc.GpuServiceBase):
             if not request.HasField("gpu"):
                 raise InvalidArgument("gpu is required")
             provider = self._provider(stream)
-            result = await write(self.bridge, self.core, store_ops.UpdateGpu(request.gpu, provider))
+            result = await write(self.bridge, self.port, store_ops.UpdateGpu(request.gpu, provider))
         await stream.send_message(pb.UpdateGpuResponse(gpu=result.gpu))
 
     async def UpdateGpuStatus(
@@ -156,18 +163,18 @@ class GpuService(Face, gpu_grpc.GpuServiceBase):
             if not request.HasField("status"):
                 raise InvalidArgument("status is required")
             provider = self._provider(stream)
-            result = await write(self.bridge, self.core, store_ops.UpdateGpuStatus(
+            result = await write(self.bridge, self.port, store_ops.UpdateGpuStatus(
                 request.name, request.status, request.resource_version, provider))
         await stream.send_message(pb.UpdateGpuStatusResponse(gpu=result.gpu))
 
     async def DeleteGpu(self, stream: Stream[pb.DeleteGpuRequest, Empty]) -> None:
         with self._errors("DeleteGpu"):
             request = await recv_request(stream, self._limit)
-            await write(self.bridge, self.core, store_ops.DeleteGpu(request.name))
+            await write(self.bridge, self.port, store_ops.DeleteGpu(request.name))
         await stream.send_message(Empty())
 
     def _provider(self, stream: Stream[Any, Any]) -> str:
-        return writer_of(self.core, stream)
+        return writer_of(self.port, stream)
 
 
 def _as_sent(delivery: Delivery) -> bytes:
@@ -175,7 +182,7 @@ def _as_sent(delivery: Delivery) -> bytes:
     return delivery.data
 
 
-async def serve_watch(core: Core, stream: Stream[Any, Any], subscription: Subscription,
+async def serve_watch(port: CorePort, stream: Stream[Any, Any], subscription: Subscription,
                       encode: Callable[[Delivery], bytes | None], flusher: _Flusher) -> None:
     """Pump ``subscription`` into ``stream`` until it ends, then end the stream as SPEC §3 says:
     OK on server shutdown once every committed event is sent, RESOURCE_EXHAUSTED on eviction,
@@ -183,10 +190,10 @@ async def serve_watch(core: Core, stream: Stream[Any, Any], subscription: Subscr
     drained in time). Every wire API's watch ends this way; ``encode`` is its face
     (None: this stream does not show that event, e.g. another namespace)."""
     try:
-        end = await _pump(core.hub, stream, subscription, flusher, core.observer.on_watch_event,
-                          min(FINISH_GRACE, core.config.slow_subscriber_timeout), encode)
+        end = await _pump(port, stream, subscription, flusher, port.observer.on_watch_event,
+                          min(FINISH_GRACE, port.slow_consumers.timeout), encode)
     finally:
-        core.hub.unsubscribe(subscription)
+        port.unsubscribe(subscription)
     if end.kind == "closed":
         return  # server shutdown, every committed event delivered: the stream ends OK
     status = Status.RESOURCE_EXHAUSTED if end.kind == "evicted" else Status.UNAVAILABLE
@@ -257,7 +264,7 @@ class _Flusher:
         self._on_events = on_events
         #: Streams whose sender is parked: the flusher writes for them.
         self._idle: dict[_Pump, None] = {}
-        self._hub: WatchHub | None = None
+        self._port: CorePort | None = None
         self._streams = 0
         self._scheduled = False
         #: Events written in the current flush, by type (the pumps add to it).
@@ -269,19 +276,19 @@ class _Flusher:
     def statistics(self) -> FanoutStatistics:
         return FanoutStatistics(self.flushes, sum(self._written.values()), self.handed_over)
 
-    def attach(self, hub: WatchHub) -> None:
+    def attach(self, port: CorePort) -> None:
         """A stream starts: listen to the hub while this face has any."""
         if self._streams == 0:
-            self._hub = hub
-            hub.listen(self._on_commit)
+            self._port = port
+            port.watch_listen(self._on_commit)
         self._streams += 1
 
     def detach(self, pump: _Pump) -> None:
         self._idle.pop(pump, None)
         self._streams -= 1
-        if self._streams == 0 and self._hub is not None:
-            self._hub.unlisten(self._on_commit)
-            self._hub = None
+        if self._streams == 0 and self._port is not None:
+            self._port.watch_unlisten(self._on_commit)
+            self._port = None
 
     def park(self, pump: _Pump) -> None:
         self._idle[pump] = None
@@ -429,7 +436,7 @@ def _take_failure(task: asyncio.Future[Any]) -> None:
 
 
 async def _pump(
-    hub: WatchHub,
+    port: CorePort,
     stream: Stream[Any, Any],
     subscription: Subscription,
     flusher: _Flusher,
@@ -449,7 +456,7 @@ async def _pump(
     pump = _Pump(stream, subscription, flusher, on_events, encode)
     subscription.on_end = pump.on_end
     pump.on_end()  # it may have ended already
-    flusher.attach(hub)
+    flusher.attach(port)
     sender = asyncio.ensure_future(pump.send_loop())
     # A send can fail after the stream already ended, or while this handler is being
     # cancelled (the client reset the stream): nothing is left to report then, so the failure

@@ -36,7 +36,7 @@ from grpclib.health.service import Health
 
 from .._bridge import Bridge
 from .._config import Config
-from ..cache.core import Core
+from ..cache.port import CorePort
 from ..cache.readiness import Readiness
 from ._codec import Codec
 from ._h2limits import LimitedServer
@@ -61,13 +61,15 @@ CLOSE_GRACE = 0.5
 
 
 class _InFlight:
-    """Counts running calls so a graceful stop can wait for them; refuses new ones when draining."""
+    """Counts running calls so a graceful stop can wait for them; refuses new ones when draining.
+
+    All on the handlers' loop (asyncio): the trio side waits through the bridge."""
 
     def __init__(self, on_refused: Callable[[], None] | None = None) -> None:
         self.count = 0
         self.draining = False
         self._on_refused = on_refused
-        self._idle = trio.Event()
+        self._idle = asyncio.Event()
         self._idle.set()
 
     def wrap(self, mapping: dict[str, Handler]) -> dict[str, Handler]:
@@ -81,8 +83,7 @@ class _InFlight:
                     self._on_refused()
                 raise GRPCError(Status.UNAVAILABLE, "server shutting down")
             self.count += 1
-            if self.count == 1:
-                self._idle = trio.Event()
+            self._idle.clear()
             try:
                 await func(stream)
             finally:
@@ -93,6 +94,7 @@ class _InFlight:
         return tracked
 
     async def wait_idle(self) -> None:
+        """From asyncio: until no call is running."""
         await self._idle.wait()
 
 
@@ -117,13 +119,14 @@ class Listeners:
 class GrpcServer:
     """Owns the grpclib servers of one runtime. Build and run it inside the bridge's loop."""
 
-    def __init__(self, core: Core, config: Config,
+    def __init__(self, port: CorePort, config: Config,
                  wrappers: Iterable[MappingWrapper] = (), *, bridge: Bridge) -> None:
-        self.core = core
+        self.port = port
         self.bridge = bridge
         self.config = config
+        self._max_receive = config.max_receive_message_bytes
         self._wrappers = list(wrappers)
-        observer = core.observer
+        observer = port.observer
         self._inflight = _InFlight(lambda: observer.on_reject("unavailable"))
         self._servers: list[LimitedServer] = []
         self._claims: list[ClaimedSocket] = []
@@ -131,24 +134,24 @@ class GrpcServer:
         self.gpu_service: GpuService | None = None
         # gRPC health of GpuService follows readiness; one status for every incarnation.
         self._serving = ServiceStatus()
-        core.gate.add_listener(lambda state: self._serving.set(state is Readiness.READY))
+        port.add_readiness_listener(lambda state: self._serving.set(state is Readiness.READY))
 
     def _servables(self) -> list[Any]:
-        gpu = GpuService(self.core, self.bridge)
+        gpu = GpuService(self.port, self.bridge, self._max_receive)
         self.gpu_service = gpu  # the current incarnation's (tests read its fan-out figures)
-        provider = ProviderService(self.core, self.bridge)
+        provider = ProviderService(self.port, self.bridge, self._max_receive)
         # Consumers wait for GpuService (readiness); providers for ProviderService, which
         # serves from the start (provider writes always pass, and they are what opens the gate).
         return self._assemble([gpu, provider], Health({gpu: [self._serving], provider: []}))
 
     def _nvsentinel_servables(self) -> list[Any]:
         """SPEC §7.1's socket: its GpuService, health for its name (readiness), reflection."""
-        service = NvsentinelGpuService(self.core, self.bridge)
+        service = NvsentinelGpuService(self.port, self.bridge, self._max_receive)
         return self._assemble([service], Health({service: [self._serving]}))
 
     def _platform_connector_servables(self) -> list[Any]:
         """SPEC §7.2's socket: the ingest service (a provider: SERVING from the start)."""
-        service = PlatformConnectorService(self.core, self.bridge)
+        service = PlatformConnectorService(self.port, self.bridge, self._max_receive)
         return self._assemble([service], Health({service: []}))
 
     def _assemble(self, services: list[Any], health: Health) -> list[Any]:
@@ -160,7 +163,7 @@ class GrpcServer:
                 mapping = wrap(mapping)
             mapped.append(_Service(self._inflight.wrap(mapping)))
         reflection = reflection_services([*services, health])
-        observer = self.core.observer
+        observer = self.port.observer
         limit = self.config.max_receive_message_bytes
         guarded = [_Service(limit_requests(s.__mapping__(), limit,
                                            lambda reason: observer.on_reject(reason)))
@@ -175,14 +178,17 @@ class GrpcServer:
     def _server(self, servables: list[Any]) -> LimitedServer:
         """A grpclib server whose connections enforce --max-concurrent-streams; a stream
         refused past it counts as a rejected request."""
-        observer = self.core.observer
+        observer = self.port.observer
         return LimitedServer(
             servables, codec=Codec(), max_concurrent_streams=self.config.max_concurrent_streams,
             on_refused=lambda: observer.on_reject("max_concurrent_streams"))
 
-    async def run(self, *, task_status: trio.TaskStatus[Listeners] = trio.TASK_STATUS_IGNORED,
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                   ) -> None:
-        """Listen until cancelled; on the way out close everything and remove the socket."""
+        """Listen until cancelled; on the way out close everything and remove the socket.
+
+        Started means every listener is bound; :attr:`listeners` then says where (a
+        supervised child: every incarnation updates it)."""
         servables = self._servables()
         try:
             if self.config.unix_socket:
@@ -212,7 +218,7 @@ class GrpcServer:
                 await self._listen_unix(nvsentinel, "--nvsentinel-api-socket",
                                         self._nvsentinel_servables())
             self.listeners = Listeners(self.config.unix_socket or None, tcp_port, nvsentinel)
-            task_status.started(self.listeners)
+            task_status.started()  # self.listeners says where
             await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True):
@@ -247,7 +253,7 @@ class GrpcServer:
 
     async def wait_idle(self) -> None:
         """Wait until no call is running (watch streams end when the hub closes them)."""
-        await self._inflight.wait_idle()
+        await self.bridge.aio_as_trio(self._inflight.wait_idle)()
 
     async def close(self) -> None:
         """Cancel whatever still runs, close every connection, remove the socket (idempotent).

@@ -162,6 +162,37 @@ def metrics_app(metrics: ServerMetrics) -> HttpApp:
 # -- server --------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(slots=True)
+class HttpPorts:
+    """The bound HTTP ports (they differ from the flags when those ask for port 0)."""
+
+    health: int = 0
+    metrics: int = 0
+
+
+class HttpEndpoints:
+    """A server's two HTTP ports (health probes, metrics) as one supervised child.
+
+    Each incarnation binds both, then records the ports it got in :attr:`ports`."""
+
+    def __init__(self, health: tuple[str | None, int], metrics: tuple[str | None, int],
+                 ready: Readiness, server_metrics: ServerMetrics) -> None:
+        self._health = health
+        self._metrics = metrics
+        self._ready = ready
+        self._server_metrics = server_metrics
+        self.ports = HttpPorts()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        async with trio.open_nursery() as nursery:
+            self.ports.health = await nursery.start(
+                serve_http, *self._health, health_app(self._ready))
+            self.ports.metrics = await nursery.start(
+                serve_http, *self._metrics, metrics_app(self._server_metrics))
+            task_status.started()
+
+
 async def serve_http(
     host: str | None,
     port: int,

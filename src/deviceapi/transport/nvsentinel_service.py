@@ -25,7 +25,7 @@ from .._bridge import Bridge
 from .._errors import InvalidArgument, NotFound
 from ..cache import _store as store_ops
 from ..cache._store import DEFAULT_NAMESPACE, Event, ObjectInfo, Result, State, in_namespace
-from ..cache.core import Core
+from ..cache.port import CorePort
 from ..cache.watcher import Delivery
 from ..proto.device.v1alpha1 import gpu_pb2 as v1
 from ..proto.nvsentinel.v1alpha1 import gpu_grpc
@@ -79,8 +79,8 @@ def _answer(result: Result) -> pb.Gpu:
 class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
     service_name = SERVICE
 
-    def __init__(self, core: Core, bridge: Bridge) -> None:
-        super().__init__(core, bridge)
+    def __init__(self, port: CorePort, bridge: Bridge, max_receive: int) -> None:
+        super().__init__(port, bridge, max_receive)
         self._encoded: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._items: dict[str, tuple[int, bytes]] = {}
 
@@ -90,8 +90,8 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
         with self._errors("GetGpu"):
             request = await self._read_request(stream)
             store_ops.validate_name(request.name)
-            await read_barrier(self.bridge, self.core)
-            state = self.core.store.state
+            await read_barrier(self.bridge, self.port)
+            state = self.port.read()
             gpu = state.gpus.get(request.name)
             if gpu is None or not in_namespace(gpu, request.namespace):
                 raise NotFound(f"gpu {request.name!r} not found")
@@ -101,8 +101,8 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
     async def ListGpus(self, stream: Stream[pb.ListGpusRequest, pb.ListGpusResponse]) -> None:
         with self._errors("ListGpus"):
             request = await self._read_request(stream)
-            await read_barrier(self.bridge, self.core)
-            data = self._list_response(self.core.store.state, request.namespace)
+            await read_barrier(self.bridge, self.port)
+            data = self._list_response(self.port.read(), request.namespace)
         await self._send_list(stream, data)
 
     def _list_response(self, state: State, namespace: str) -> bytes:
@@ -151,9 +151,9 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
             if not from_rv:
                 # Upstream starts "now": no snapshot. Every write acknowledged before this
                 # call is behind the start, everything after it is streamed.
-                await read_barrier(self.bridge, self.core)
-                from_rv = self.core.store.state.rv
-            subscription = self.core.hub.subscribe(from_rv)
+                await read_barrier(self.bridge, self.port)
+                from_rv = self.port.read().rv
+            subscription = self.port.subscribe(from_rv)
         namespace = request.namespace
 
         def encode(delivery: Delivery) -> bytes | None:
@@ -162,7 +162,7 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
                 return None
             return self._encode(event)
 
-        await serve_watch(self.core, stream, subscription, encode, self.watch_flusher())
+        await serve_watch(self.port, stream, subscription, encode, self.watch_flusher())
 
     def _encode(self, event: Event) -> bytes:
         """One event in this API's wire form, made once and shared by every stream (each event
@@ -186,8 +186,8 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
                 metadata=v1.ObjectMeta(name=gpu.metadata.name,
                                        namespace=gpu.metadata.namespace or DEFAULT_NAMESPACE),
                 spec=_spec(gpu), status=_status(gpu))
-            result = await write(self.bridge, self.core, store_ops.CreateGpu(
-                stored, writer_of(self.core, stream), exclusive=True))
+            result = await write(self.bridge, self.port, store_ops.CreateGpu(
+                stored, writer_of(self.port, stream), exclusive=True))
             answer = _answer(result)
         await stream.send_message(answer)
 
@@ -196,9 +196,9 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
             request = await recv_request(stream, self._limit)
             gpu = self._required_gpu(request)
             meta = gpu.metadata
-            result = await write(self.bridge, self.core, store_ops.UpdateSpec(
+            result = await write(self.bridge, self.port, store_ops.UpdateSpec(
                 meta.name, _spec(gpu), meta.namespace, meta.uid, _expected(gpu),
-                writer_of(self.core, stream)))
+                writer_of(self.port, stream)))
             answer = _answer(result)
         await stream.send_message(answer)
 
@@ -208,8 +208,8 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
             gpu = self._required_gpu(request)
             meta = gpu.metadata
             store_ops.validate_name(meta.name, "metadata.name")
-            result = await write(self.bridge, self.core, store_ops.UpdateGpuStatus(
-                meta.name, _status(gpu), _expected(gpu), writer_of(self.core, stream),
+            result = await write(self.bridge, self.port, store_ops.UpdateGpuStatus(
+                meta.name, _status(gpu), _expected(gpu), writer_of(self.port, stream),
                 identity=(meta.namespace, meta.uid)))
             answer = _answer(result)
         await stream.send_message(answer)
@@ -217,7 +217,7 @@ class NvsentinelGpuService(Face, gpu_grpc.GpuServiceBase):
     async def DeleteGpu(self, stream: Stream[pb.DeleteGpuRequest, Empty]) -> None:
         with self._errors("DeleteGpu"):
             request = await recv_request(stream, self._limit)
-            await write(self.bridge, self.core, store_ops.DeleteGpu(request.name,
+            await write(self.bridge, self.port, store_ops.DeleteGpu(request.name,
                                                        namespace=request.namespace))
         await stream.send_message(Empty())
 

@@ -27,7 +27,7 @@ from .._bridge import Bridge
 from .._errors import InvalidArgument
 from ..cache import _store as store_ops
 from ..cache import ingest
-from ..cache.core import Core
+from ..cache.port import CorePort
 from ..proto.datamodels import health_event_grpc
 from ..proto.datamodels import health_event_pb2 as pb
 from ..proto.device.v1alpha1.gpu_pb2 import Condition
@@ -44,22 +44,22 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class PlatformConnectorService(health_event_grpc.PlatformConnectorBase):
-    def __init__(self, core: Core, bridge: Bridge) -> None:
-        self.core = core
+    def __init__(self, port: CorePort, bridge: Bridge, max_receive: int) -> None:
+        self.port = port
         self.bridge = bridge
-        self._limit = core.config.max_receive_message_bytes
+        self._limit = max_receive
 
     async def HealthEventOccurredV1(self, stream: Stream[pb.HealthEvents, Empty]) -> None:
-        count = self.core.observer.on_ingest
+        count = self.port.observer.on_ingest
         received = 0
-        with rpc_errors(METHOD, self.core.observer.on_reject):
+        with rpc_errors(METHOD, self.port.observer.on_reject):
             request = await recv_request(stream, self._limit)
             received = len(request.events)
             count("received", received)
             try:
                 key = idempotency_key(stream.metadata)
                 events = decode(request)
-                result = await write(self.bridge, self.core,
+                result = await write(self.bridge, self.port,
                                      store_ops.IngestHealthEvents(events, key))
             except Exception as exc:
                 count("rejected", received)
@@ -77,7 +77,7 @@ class PlatformConnectorService(health_event_grpc.PlatformConnectorBase):
 
     def _report(self, plan: ingest.Plan, events: tuple[ingest.HealthEvent, ...],
                 rv: int) -> None:
-        count = self.core.observer.on_ingest
+        count = self.port.observer.on_ingest
         count("applied", plan.applied)
         count("store_only", plan.store_only)
         for reason in ("index_or_pci_only", "unknown_uuid"):

@@ -9,7 +9,7 @@ from grpclib.server import Stream
 from .._bridge import Bridge
 from .._errors import InvalidArgument
 from ..cache import _store as store_ops
-from ..cache.core import Core
+from ..cache.port import CorePort
 from ..proto.device.v1alpha1 import provider_grpc
 from ..proto.device.v1alpha1 import provider_pb2 as pb
 from ._calls import write
@@ -20,17 +20,17 @@ SERVICE = "nvidia.device.v1alpha1.ProviderService"
 
 
 class ProviderService(provider_grpc.ProviderServiceBase):
-    def __init__(self, core: Core, bridge: Bridge) -> None:
-        self.core = core
+    def __init__(self, port: CorePort, bridge: Bridge, max_receive: int) -> None:
+        self.port = port
         self.bridge = bridge
-        self._limit = core.config.max_receive_message_bytes
+        self._limit = max_receive
 
     def _errors(self, method: str) -> contextlib.AbstractContextManager[None]:
-        return rpc_errors(f"{SERVICE}/{method}", self.core.observer.on_reject)
+        return rpc_errors(f"{SERVICE}/{method}", self.port.observer.on_reject)
 
     def _provider(self, provider: str) -> str:
         store_ops.validate_provider(provider)
-        self.core.sessions.touch(provider)
+        self.port.touch(provider)
         return provider
 
     async def RegisterGpu(
@@ -38,7 +38,7 @@ class ProviderService(provider_grpc.ProviderServiceBase):
     ) -> None:
         with self._errors("RegisterGpu"):
             r = await recv_request(stream, self._limit)
-            result = await write(self.bridge, self.core, store_ops.RegisterGpu(
+            result = await write(self.bridge, self.port, store_ops.RegisterGpu(
                 r.name, r.spec, r.initial_status, self._provider(r.provider_id)))
         await stream.send_message(pb.ProviderRegisterGpuResponse(
             created=result.created, resource_version=result.rv))
@@ -48,7 +48,7 @@ class ProviderService(provider_grpc.ProviderServiceBase):
     ) -> None:
         with self._errors("UnregisterGpu"):
             r = await recv_request(stream, self._limit)
-            result = await write(self.bridge, self.core,
+            result = await write(self.bridge, self.port,
                                  store_ops.DeleteGpu(r.name, missing_ok=True))
         await stream.send_message(pb.ProviderUnregisterGpuResponse(deleted=result.deleted))
 
@@ -60,7 +60,7 @@ class ProviderService(provider_grpc.ProviderServiceBase):
             r = await recv_request(stream, self._limit)
             if not r.HasField("status"):
                 raise InvalidArgument("status is required")
-            result = await write(self.bridge, self.core, store_ops.UpdateGpuStatus(
+            result = await write(self.bridge, self.port, store_ops.UpdateGpuStatus(
                 r.name, r.status, 0, self._provider(r.provider_id)))
         await stream.send_message(pb.ProviderUpdateGpuStatusResponse(resource_version=result.rv))
 
@@ -73,7 +73,7 @@ class ProviderService(provider_grpc.ProviderServiceBase):
             r = await recv_request(stream, self._limit)
             if not r.HasField("condition"):
                 raise InvalidArgument("condition is required")
-            result = await write(self.bridge, self.core, store_ops.UpdateCondition(
+            result = await write(self.bridge, self.port, store_ops.UpdateCondition(
                 r.name, r.condition, self._provider(r.provider_id)))
         await stream.send_message(
             pb.ProviderUpdateGpuConditionResponse(resource_version=result.rv))
@@ -88,14 +88,13 @@ class ProviderService(provider_grpc.ProviderServiceBase):
             for name in names:
                 store_ops.validate_name(name, "gpu_names")
             if names:
-                await write(self.bridge, self.core, store_ops.ClaimGpus(provider, names))
-            # The sessions' deadlines are on trio's clock (the monitor is a trio task).
-            unmask = self.core.sessions.heartbeat(provider, self.core.now())
+                await write(self.bridge, self.port, store_ops.ClaimGpus(provider, names))
+            unmask = self.port.heartbeat(provider)
             if unmask is not None:
-                await write(self.bridge, self.core, unmask)
+                await write(self.bridge, self.port, unmask)
             # acknowledged=False tells a provider that this server lacks GPUs it named (it
             # restarted, or someone deleted them): the provider should register them again.
-            known = self.core.store.state.gpus
+            known = self.port.read().gpus
             acknowledged = all(name in known for name in names)
         await stream.send_message(pb.HeartbeatResponse(acknowledged=acknowledged))
 

@@ -7,6 +7,7 @@ import trio
 import trio.testing
 from core_helpers import cond, make_store, running_owner, status
 
+from deviceapi._app import core_settings
 from deviceapi._config import Config
 from deviceapi._errors import Unavailable
 from deviceapi.cache._store import DeleteGpu, RegisterGpu
@@ -125,7 +126,7 @@ def test_shutdown_before_ready_still_refuses_reads() -> None:
 async def test_core_build_wires_the_hub_and_the_gate() -> None:
     config = Config(min_gpus=2, watch_history=8, max_gpus=3, max_watchers=2, watch_queue=4,
                     subscribe_rate=1, subscribe_burst=2, heartbeat_timeout=7)
-    core = Core.build(config)
+    core = Core.build(core_settings(config))
     assert core.store.limits.max_gpus == 3
     assert core.sessions.heartbeat_timeout == 7
     sub = core.hub.subscribe(0)

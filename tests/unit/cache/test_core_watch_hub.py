@@ -26,7 +26,8 @@ from deviceapi.cache._store import (
     UpdateCondition,
 )
 from deviceapi.cache.cache_owner import CacheStore
-from deviceapi.cache.watcher import Delivery, StreamEnd, Subscription, run_watch_janitor
+from deviceapi.cache.slow_consumers import SlowConsumerPolicy, run_slow_consumer_janitor
+from deviceapi.cache.watcher import Delivery, StreamEnd, Subscription
 from deviceapi.otp import TrioReply
 from deviceapi.proto.device.v1alpha1.gpu_pb2 import Gpu, GpuSpec
 
@@ -374,11 +375,11 @@ async def test_stall_clock_starts_when_work_arrives_for_an_idle_watcher(
             await trio.sleep(100)
             await store.write(touch(1))
             await trio.sleep(29)
-            assert hub.evict_stalled(30) == 1  # only `behind`: 129 s since its progress
+            assert hub.evict_stalled(policy(30)) == 1  # only `behind`: 129 s since its progress
             assert behind.end is not None and idle.end is None
             taken = idle.take(1)  # taking is not accepting: the clock runs from the commit
             await trio.sleep(1)
-            assert hub.evict_stalled(30) == 1
+            assert hub.evict_stalled(policy(30)) == 1
     assert taken and behind_item and idle.end == StreamEnd("evicted", "slow_subscriber", 1)
 
 
@@ -395,6 +396,11 @@ async def test_eviction_during_the_snapshot_asks_for_a_relist() -> None:
     assert "relist" in sub.end.message()
 
 
+def policy(timeout: float) -> SlowConsumerPolicy:
+    """The slow-consumer policy on trio's clock, as Core.build makes it."""
+    return SlowConsumerPolicy(timeout, trio.current_time)
+
+
 async def test_evict_stalled_after_the_timeout_and_not_before(
         autojump_clock: trio.testing.MockClock) -> None:
     store = make_store()
@@ -403,15 +409,15 @@ async def test_evict_stalled_after_the_timeout_and_not_before(
         async with running_owner(store):
             sub = hub.subscribe(0)
             await trio.sleep(100)  # idle with nothing to accept: never stalled
-            assert hub.evict_stalled(30) == 0
+            assert hub.evict_stalled(policy(30)) == 0
             start = trio.current_time()
             await write_all(store, [register(1), register(2), register(3)])
             await trio.sleep(20)
             drain(sub, 1)  # progress at +20 restarts the clock
             await trio.sleep(29.5)
-            assert hub.evict_stalled(30) == 0
+            assert hub.evict_stalled(policy(30)) == 0
             await trio.sleep(0.5)  # exactly 30 s since the last accepted event
-            assert hub.evict_stalled(30) == 1
+            assert hub.evict_stalled(policy(30)) == 1
             assert trio.current_time() - start == 50
     assert sub.end == StreamEnd("evicted", "slow_subscriber", 1)
     assert hub.statistics().evictions == {"slow_subscriber": 1}
@@ -426,10 +432,10 @@ async def test_a_snapshot_never_taken_counts_as_stalled(
             await store.write(register(1))
             sub = hub.subscribe(0)
             await trio.sleep(29)
-            assert hub.evict_stalled(30) == 0
+            assert hub.evict_stalled(policy(30)) == 0
             taken = sub.take(1)  # handed to the transport, never accepted
             await trio.sleep(1)
-            assert hub.evict_stalled(30) == 1
+            assert hub.evict_stalled(policy(30)) == 1
     assert taken and sub.end is not None and sub.end.kind == "evicted"
 
 
@@ -468,7 +474,7 @@ async def test_janitor_evicts_only_the_stalled_stream(
     slow: list[Event] = []
     with trio.fail_after(1000):
         async with running_owner(store), trio.open_nursery() as nursery:
-            await nursery.start(run_watch_janitor, hub, 30.0)
+            await nursery.start(run_slow_consumer_janitor, policy(30.0), hub)
             fast_sub, slow_sub = hub.subscribe(0), hub.subscribe(0)
             nursery.start_soon(consume, fast_sub, fast)
             nursery.start_soon(functools.partial(consume, slow_sub, slow, hang_after=2))

@@ -62,7 +62,7 @@ async def test_a_hung_wait_cannot_hold_shutdown_hostage(
     finally:
         fake.release()
     with trio.fail_after(5):
-        await trio.to_thread.run_sync(poller._tracker.wait_idle_blocking, 5.0)
+        await trio.to_thread.run_sync(poller._call.tracker.wait_idle_blocking, 5.0)
     assert poller.statistics().calls_in_flight == 0
 
 

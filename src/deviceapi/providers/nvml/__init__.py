@@ -3,7 +3,12 @@
 - :mod:`._backend`: the NVML calls we use, as a Protocol with our own types and exceptions;
 - :mod:`._pynvml`: the real backend (``nvidia-ml-py``); :mod:`._fake`: a scripted one;
 - :mod:`.xids`: XID classification (pure);
-- :mod:`.poller`: the poller actor, which talks to the server only through :class:`ProviderApi`.
+- :mod:`.poller`: the poller actor, which talks to the server only through :class:`ProviderApi`:
+  its lifecycle (init, register, heartbeats, statistics, close), running the concerns split out
+  beside it — :mod:`.discovery` (GPUs and MIG devices, XID registration), :mod:`.events` (the
+  event loop, XID dispatch), :mod:`.recovery` (the quiet period and health probe) and
+  :mod:`.ledger` (the NVMLReady verdicts that outlive restarts);
+- :mod:`.service`, :mod:`.sidecar`: running it embedded in the server or as its own process.
 """
 
 from ._api import ProviderApi
@@ -25,17 +30,10 @@ from ._backend import (
 )
 from ._fake import FakeGpu, FakeMigDevice, FakeNvml, make_gpus
 from ._pynvml import PynvmlBackend, find_library
-from ._threads import BlockingRunner, run_in_worker_thread, run_inline
-from .poller import (
-    CONDITION_TYPE,
-    GpuDevice,
-    GpuHealth,
-    HealthLedger,
-    NvmlCallHung,
-    NvmlPoller,
-    PollerOptions,
-    PollerStatistics,
-)
+from ._threads import BlockingRunner, NvmlCallHung, run_in_worker_thread, run_inline
+from .discovery import GpuDevice
+from .ledger import CONDITION_TYPE, GpuHealth, HealthLedger
+from .poller import NvmlPoller, PollerOptions, PollerStatistics
 from .xids import XidClass, classify, describe
 
 __all__ = [

@@ -6,7 +6,7 @@ path. Tests use :class:`deviceapi.providers.nvml.testing.RecordingProviderApi`.
 
 Any exception a method raises propagates out of the poller's ``run`` (a crash): its supervisor
 restarts it, and the restarted poller re-registers idempotently and re-asserts the conditions it
-last wrote (see ``HealthLedger`` in ``poller.py``).
+last wrote (see ``HealthLedger`` in ``ledger.py``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ opaque tokens only the backend that made them reads, results are frozen records,
 failure is one of the exceptions below.
 
 Every method may block (they are C calls into the driver): the poller calls them from a worker
-thread, never from the trio thread (see ``poller.py``). Implementations must be thread-safe for
+thread, never from the trio thread (see ``_threads.py``). Implementations must be thread-safe for
 calls from different threads, one at a time per event set.
 """
 

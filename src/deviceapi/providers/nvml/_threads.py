@@ -5,17 +5,22 @@ NVML calls are blocking C calls, so the poller runs them through a :class:`Block
 virtual-time tests (see ``_fake.py``). Worker calls are *abandoned* on cancellation, so a hung
 driver can never hold the poller's shutdown hostage; :class:`CallTracker` then tells the poller
 whether an abandoned call is still inside NVML, so it never frees an event set (or shuts NVML
-down) under a thread that is still using it.
+down) under a thread that is still using it. :class:`NvmlCalls` puts the three together: every
+NVML call the poller makes goes through it, run by the runner, tracked, and abandoned with
+:class:`NvmlCallHung` after a time limit.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import threading
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 import trio
+
+from ._backend import NvmlError
 
 T = TypeVar("T")
 
@@ -116,3 +121,36 @@ class CallTracker:
         return await trio.to_thread.run_sync(
             self.wait_idle_blocking, within, abandon_on_cancel=True
         )
+
+
+class NvmlCallHung(NvmlError):
+    """An NVML call did not return within ``call_timeout``; its thread was abandoned."""
+
+
+class NvmlCalls:
+    """How the poller makes every NVML call: through ``run_blocking``, counted by ``tracker``,
+    abandoned after ``call_timeout`` seconds (trio time) unless the call names its own limit.
+
+    One object per poller, shared by its discovery, event and recovery code, so the tracker sees
+    every call and shutdown can wait until none is inside NVML any more.
+    """
+
+    def __init__(self, run_blocking: BlockingRunner, call_timeout: float) -> None:
+        self._run_blocking = run_blocking
+        self._call_timeout = call_timeout
+        self.tracker = CallTracker()
+
+    async def __call__(self, fn: Callable[..., T], *args: object, limit: float | None = None) -> T:
+        """Run one blocking backend call through the runner, tracked, abandoned after ``limit``
+        seconds (default ``call_timeout``) with :class:`NvmlCallHung`."""
+        call = self.tracker.track(functools.partial(fn, *args))
+        if limit is None:
+            limit = self._call_timeout
+        try:
+            with trio.move_on_after(limit) as scope:
+                return await self._run_blocking(call)
+        finally:
+            call.settle()
+        assert scope.cancelled_caught
+        name = getattr(fn, "__name__", repr(fn))
+        raise NvmlCallHung(f"{name} did not return within {limit:g} s")

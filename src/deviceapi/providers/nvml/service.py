@@ -22,7 +22,8 @@ import trio
 from ...otp import Backoff, ChildSpec, StartFn, Supervisor
 from ._api import ProviderApi
 from ._backend import NvmlBackend, NvmlUnavailable
-from .poller import HealthLedger, NvmlPoller, PollerOptions
+from .ledger import HealthLedger
+from .poller import NvmlPoller, PollerOptions
 
 MIN_BACKOFF = 1.0
 MAX_BACKOFF = 300.0
