@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -142,6 +143,7 @@ class _Recorder:
         self.last: dict[int, float] = {}
         self.max_seq = [-1] * informers
         self.events = 0
+        self.gc_pauses = _GcPauses()
 
     def handler(self, index: int) -> Callable[[pb.Gpu], None]:
         count, last, max_seq = self.count, self.last, self.max_seq
@@ -169,11 +171,35 @@ class _Recorder:
 
     def take(self) -> Reply:
         """What was seen since the last take (the handlers keep these very dicts: clear them)."""
-        reply = {"count": dict(self.count), "last": dict(self.last), "events": self.events}
+        reply = {"count": dict(self.count), "last": dict(self.last), "events": self.events,
+                 "gc_pauses": list(self.gc_pauses.pauses)}
         self.count.clear()
         self.last.clear()
         self.events = 0
+        self.gc_pauses.clear()
         return reply
+
+
+class _GcPauses:
+    """This process's full (generation 2) collections since the last take, as (start, seconds):
+    one over 256 informers' caches stops every informer of the process at once, and shows in
+    the storm's latency as a step."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, float]] = []
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._start = time.monotonic()
+        else:
+            self.pauses.append((self._start, time.monotonic() - self._start))
+
+    def clear(self) -> None:
+        self.pauses.clear()
 
 
 async def _watcher(control: Control, options: dict[str, Any]) -> None:

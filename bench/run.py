@@ -115,6 +115,9 @@ class Sizes:
     #: even number gives each side the first place equally often), each round this long.
     storm_pairs: int = 4
     storm_round_s: float = 2.5
+    #: Before the rounds, at each size: a storm at the same rate on the server, not counted
+    #: (its p99 is kept next to the rounds), long enough to write every GPU this many times.
+    storm_warmup_passes: float = 1.2
     sustained_s: float = 3.0
     full_idle_s: float = 5.0
     #: The storm rate at full load (interleaved rounds as above).
@@ -133,7 +136,8 @@ class Sizes:
 
 QUICK = Sizes(gpus=128, providers=2, watchers=32, watcher_procs=2, idle_s=3.0, list_calls=40,
               serialize_iters=50, unary_s=1.0, unary_rounds=1,
-              storms=((100.0, 2.0), (1000.0, 1.5)), storm_round_s=1.0, sustained_s=1.5,
+              storms=((100.0, 2.0), (1000.0, 1.5)), storm_round_s=1.0,
+              sustained_s=1.5,
               full_idle_s=2.0, drain_s=10.0)
 
 
@@ -756,6 +760,11 @@ class Bench:
             if len(sent_times) > 1 else math.nan
         evictions = (metric_sum(after, "device_api_server_watch_evictions_total")
                      - metric_sum(before, "device_api_server_watch_evictions_total"))
+        # The watcher processes' full collections while this storm was delivered: (seconds
+        # after the first send, pause seconds).
+        begin = min(sent_times, default=0.0)
+        gc_pauses = sorted((start - begin, pause) for report in reports
+                           for start, pause in report.get("gc_pauses", ()) if start >= begin)
         result = {
             "rate": rate, "duration_s": duration, "updates": len(storm["sent"]),
             "achieved_rate": achieved, "write_errors": storm["error_count"],
@@ -776,6 +785,11 @@ class Bench:
             "latencies_s": all_latency,
             "ack_latencies_s": acks,
             "loadavg_1m": os.getloadavg()[0],
+            "watcher_gc_pauses_s": gc_pauses,
+            "server_cache_updates": {
+                k.partition("{")[2].rstrip("}"): v - before.get(k, 0.0) for k, v in after.items()
+                if k.startswith("device_api_server_cache_updates_total")
+                and v != before.get(k, 0.0)},
         }
         if floor is not None:
             result["evictions"] = math.nan  # the floor evicts nobody (unbounded queues)
@@ -787,7 +801,9 @@ class Bench:
                  f" ms; achieved {achieved:.0f}/s; not to all: {incomplete}; "
                  f"evictions {result['evictions']:g}; {cpu_key} "
                  f"{result['server_cpu_percent']:.0f}% CPU, machine "
-                 f"{result['machine_cpu_percent']:.0f}% of 200, load {result['loadavg_1m']:.2f}")
+                 f"{result['machine_cpu_percent']:.0f}% of 200, load {result['loadavg_1m']:.2f}; "
+                 f"watcher full GCs {len(gc_pauses)}, longest "
+                 f"{max((p for _, p in gc_pauses), default=0) * 1000:.0f} ms")
         if not drained and floor is None:
             await self.recover(label)
         return result
@@ -844,12 +860,23 @@ class Bench:
         check on the pooled figure, not as the verdict: a median of a few noisy ratios moves
         with a single pair.
 
+        Before the rounds, the same storm on the server until every GPU has been written
+        ``storm_warmup_passes`` times, not counted: at 32 conditions, the first ~1000 storm
+        writes after the GPUs grew and the informers synced were the worst of the run in
+        three runs out of three (p99 0.5-2.5 s, the watcher processes at 150 % CPU against
+        their usual 130-140 %), on whichever side they fell (the server's first round, or
+        the floor's first two); that is the sequence's start, not either side.
+
         Kept: the pooled rounds under ``storms[label]`` and ``fanout_floors[floor_label]``
         (the shape of a single storm, plus ``rounds``), and the per-pair figures under
         ``storm_rounds[label]``."""
         s = self.sizes
         self.say(f"{label}: {s.storm_pairs} interleaved pairs of {s.storm_round_s:g} s rounds, "
                  f"server and coalescing floor")
+        await self.watchers_to(None, _sync_label(label))
+        warmup = await self.storm_phase(f"{label} warm-up", rate,
+                                        round(s.storm_warmup_passes * s.gpus / rate, 1),
+                                        store=False)
         rounds: dict[str, list[dict[str, Any]]] = {"server": [], "floor": []}
         for pair in range(s.storm_pairs):
             order = ("server", "floor") if pair % 2 == 0 else ("floor", "server")
@@ -872,6 +899,9 @@ class Bench:
         self.results.setdefault("storms", {})[label] = server
         self.results.setdefault("fanout_floors", {})[floor_label] = floor
         summary_ = interleaved_summary(rounds["server"], rounds["floor"])
+        summary_["warmup"] = {k: warmup[k] for k in (
+            "duration_s", "all_watchers_latency_ms", "not_delivered_to_all", "evictions",
+            "server_cpu_percent", "watchers_cpu_percent", "machine_cpu_percent")}
         self.results.setdefault("storm_rounds", {})[label] = summary_
         self.say(f"  pooled p99 {summary_['server_p99_ms']:.1f} vs floor "
                  f"{summary_['floor_p99_ms']:.1f} ms: x{summary_['pooled_ratio']:.2f}; per pair "
