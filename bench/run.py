@@ -816,14 +816,16 @@ class Bench:
             await self.server.wait_metric("device_api_server_watch_streams_active", 0, 30)
         self.at = ""
 
-    async def watchers_to(self, socket: str | None, label: str = "") -> None:
+    async def watchers_to(self, socket: str | None, label: str = "",
+                          fresh: bool = False) -> None:
         """Move the same informers (same processes) to the server (``socket`` None; ``label``
         names the sync's sampler window) or to the floor at ``socket``: stop them, start them
         there (list, then watch), then one write that every one of them must receive, so that
         every stream is open and delivering before anything is measured. No-op when they are
-        there already."""
+        there already, unless ``fresh`` (start them again there: a storm round starts with
+        informers that have just listed, whichever side it measures)."""
         target = socket or self.server.socket
-        if self.at == target:
+        if self.at == target and not fresh:
             return
         s = self.sizes
         await self.stop_watchers()
@@ -845,27 +847,33 @@ class Bench:
                                  floor_socket: str) -> None:
         """The storm judged against the coalescing floor: ``storm_pairs`` pairs of
         ``storm_round_s`` rounds, server and floor, in the orders S F, F S, S F, ... with the
-        same informers moving between the two (a move only between the pairs' sides that
-        differ: S F | F S | S F ...).
+        same informers (same processes) moving between the two.
 
         Why: on a shared 2-core machine one burst of other load (0.3-3 s) sets the p99 of
         whichever single storm it lands in, and the floor's storm used to run half a minute
         after the server's, so one storm per side per run was a coin toss. Short alternating
-        rounds spread both sides over the same minute; alternating the order keeps a trend in
-        the machine's load from favouring either side. The verdict is the ratio of the
+        rounds spread both sides over the same minute, and alternating the order keeps a trend
+        in the machine's load from favouring either side. The verdict is the ratio of the
         *pooled* p99s (each side's latencies over all its rounds, ``storm_pairs`` x
-        ``storm_round_s`` x ``rate`` updates): a burst then counts once, in one side's pool,
-        where it weighs what it weighs in that side's updates, instead of setting a whole
-        p99. Each pair's ratio and their median are kept next to it (``storm_rounds``), as a
-        check on the pooled figure, not as the verdict: a median of a few noisy ratios moves
-        with a single pair.
+        ``storm_round_s`` x ``rate`` updates): it weighs every update once, where a ratio per
+        pair weighs a 250-update round as much as any other. Each pair's ratio and their
+        median are kept next to it (``storm_rounds``) as a check: when the two disagree, a
+        burst in one round set the pooled figure.
+
+        Every round starts with the informers freshly listed from the side it measures (a
+        move, or a restart in place): the first update of each GPU after a list costs an
+        informer about twice what later ones do (parse and replace over a 1024-GPU cache, in
+        one process: 9.9 against 5.5 µs per event at 32 conditions, 4.0 against 2.7 at 8), and
+        a round of fewer writes than there are GPUs is all first updates, so every round must
+        start in the same state.
 
         Before the rounds, the same storm on the server until every GPU has been written
-        ``storm_warmup_passes`` times, not counted: at 32 conditions, the first ~1000 storm
-        writes after the GPUs grew and the informers synced were the worst of the run in
-        three runs out of three (p99 0.5-2.5 s, the watcher processes at 150 % CPU against
-        their usual 130-140 %), on whichever side they fell (the server's first round, or
-        the floor's first two); that is the sequence's start, not either side.
+        ``storm_warmup_passes`` times, not counted: at 32 conditions the first ~1000 storm
+        writes after the GPUs grew and the informers first synced were the worst of the run
+        in three runs out of three (p99 0.5-2.5 s, the watcher processes at 150 % CPU against
+        their usual 130-140 %), on whichever side they fell (the server's first round, or the
+        floor's first two). It belongs to the sequence's start, not to either side (cause
+        not proven; the likeliest is the watcher processes' heaps growing once to the size).
 
         Kept: the pooled rounds under ``storms[label]`` and ``fanout_floors[floor_label]``
         (the shape of a single storm, plus ``rounds``), and the per-pair figures under
@@ -882,11 +890,11 @@ class Bench:
             order = ("server", "floor") if pair % 2 == 0 else ("floor", "server")
             for position, side in enumerate(order):
                 if side == "server":
-                    await self.watchers_to(None, _sync_label(label))
+                    await self.watchers_to(None, _sync_label(label), fresh=True)
                     r = await self.storm_phase(f"{label} round {pair + 1}", rate,
                                                s.storm_round_s, store=False)
                 else:
-                    await self.watchers_to(floor_socket)
+                    await self.watchers_to(floor_socket, fresh=True)
                     r = await self.storm_phase(f"{floor_label} round {pair + 1}", rate,
                                                s.storm_round_s, floor=COALESCE,
                                                socket=floor_socket, store=False)
