@@ -785,6 +785,7 @@ class Bench:
             "latencies_s": all_latency,
             "ack_latencies_s": acks,
             "loadavg_1m": os.getloadavg()[0],
+            "started_monotonic": begin,
             "watcher_gc_pauses_s": gc_pauses,
             "server_cache_updates": {
                 k.partition("{")[2].rstrip("}"): v - before.get(k, 0.0) for k, v in after.items()
