@@ -128,7 +128,7 @@ class Sizes:
     #: GPUs of the two idle servers (one per bridge) measured next to the unary floors.
     twin_gpus: int = 64
     #: "all", or "fanout": only what the fan-out comparison needs (the storms, sustained
-    #: writes and full load, each next to its coalescing floor), in about a third of the time.
+    #: writes and full load, each next to its coalescing floor).
     phases: str = "all"
     #: Record the scenario server with py-spy (raw folded stacks next to the JSON).
     profile: bool = False
@@ -1008,7 +1008,7 @@ def pool_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     acks = [v for r in rounds for v in r["ack_latencies_s"]]
 
     def mean(key: str) -> float:
-        return sum(r[key] for r in rounds) / len(rounds)
+        return float(sum(r[key] for r in rounds)) / len(rounds)
 
     return {
         "rate": rounds[0]["rate"], "duration_s": sum(r["duration_s"] for r in rounds),
@@ -1143,7 +1143,7 @@ def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                      f"{st['server_cpu_percent']:.0f} / {st['watchers_cpu_percent']:.0f} / "
                      f"{st.get('machine_cpu_percent', math.nan):.0f}", "", ""))
         inter = results.get("storm_rounds", {}).get(_server_storm(label))
-        if inter:
+        if inter and "pooled_rounds" in st:
             pairs = inter["pairs"]
             rows.append((f"  p99 ms per round, pairs {' | '.join(p['order'] for p in pairs)}",
                          " / ".join(f"{p['server_p99_ms']:.0f}" for p in pairs),
@@ -1505,7 +1505,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the measured server's --bridge (default: the server's default)")
     parser.add_argument("--only", choices=("fanout",),
                         help="fanout: only the storms, sustained writes and full load, each next "
-                             "to its coalescing floor (about a third of the time)")
+                             "to its coalescing floor (~155 s)")
     parser.add_argument("--profile", action="store_true",
                         help="record the scenario server with py-spy (pip install py-spy): "
                              "folded stacks in bench/results/bench-<time>-server.pyspy")
