@@ -7,6 +7,7 @@ import collections
 import contextlib
 import dataclasses
 import itertools
+import traceback
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -435,6 +436,18 @@ def _take_failure(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+def _clear_failure(task: asyncio.Future[Any]) -> None:
+    """Clear the frames of a finished sender's error (or cancellation): its traceback holds the
+    sender's frames and so the stream's whole state, in a reference cycle with the task that
+    only a full collection would free. (For a cancelled task ``result()`` hands over the
+    stored CancelledError; a failure stays stored, frames cleared, for ``result()`` to raise.)"""
+    if task.done():
+        try:
+            task.result()
+        except BaseException as error:  # only its traceback is wanted here
+            traceback.clear_frames(error.__traceback__)
+
+
 async def _pump(
     port: CorePort,
     stream: Stream[Any, Any],
@@ -476,6 +489,7 @@ async def _pump(
             sender.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait({sender})
+        _clear_failure(sender)
     if not ended.done():
         sender.result()  # the send failed: re-raise (client gone)
     return ended.result()

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import traceback
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -86,6 +87,13 @@ class _InFlight:
             self._idle.clear()
             try:
                 await func(stream)
+            except BaseException as error:
+                # The error's traceback holds every frame of the call, and they hold the
+                # stream, the task and the error again: a reference cycle per failed or
+                # cancelled call (each watch that ends with its client) that only a full
+                # collection frees. Their locals are of no use once the call is over.
+                traceback.clear_frames(error.__traceback__)
+                raise
             finally:
                 self.count -= 1
                 if self.count == 0:
