@@ -100,19 +100,18 @@ async def run(args: argparse.Namespace) -> int:
         if args.command == "list":
             listing = await client.list()
             if args.output == "json":
-                print(json.dumps(_as_dict(listing), indent=2))
+                _out(json.dumps(_as_dict(listing), indent=2))
             else:
-                print(_table(listing.items))
+                _out(_table(listing.items))
         elif args.command == "get":
             gpu = await client.get(args.name)
-            print(json.dumps(_as_dict(gpu), indent=2) if args.output == "json"
-                  else _table([gpu]))
+            _out(json.dumps(_as_dict(gpu), indent=2) if args.output == "json"
+                 else _table([gpu]))
         elif args.command == "watch":
             seen = 0
             async for event in client.watch(args.resource_version):
                 if args.output == "json":
-                    print(json.dumps({"type": event.type, "object": _as_dict(event.object)}),
-                          flush=True)
+                    _out(json.dumps({"type": event.type, "object": _as_dict(event.object)}))
                 else:
                     _print_event(event.type, event.object)
                 seen += 1
@@ -123,7 +122,7 @@ async def run(args: argparse.Namespace) -> int:
                 name=args.name, provider_id=args.provider_id,
                 condition=pb.Condition(type=args.type, status=args.status,
                                        reason=args.reason, message=args.message))
-            print(f"{args.name}: {args.type}={args.status} (resource version {rv})")
+            _out(f"{args.name}: {args.type}={args.status} (resource version {rv})")
     except GRPCError as exc:
         return _failed(exc, args)
     except (ConnectionError, OSError) as exc:
@@ -131,6 +130,19 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         client.close()
     return 0
+
+
+class OutputClosed(Exception):
+    """Whoever reads our output went away (``device-api watch | head``): not a server error."""
+
+
+def _out(text: str) -> None:
+    """One result on stdout, flushed (a watch is read as it happens); a closed pipe is told
+    apart from the socket's errors, which are OSErrors too."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError as exc:
+        raise OutputClosed from exc
 
 
 def _failed(exc: Exception, args: argparse.Namespace) -> int:
@@ -151,8 +163,8 @@ def _failed(exc: Exception, args: argparse.Namespace) -> int:
 
 
 def _print_event(event_type: str, gpu: pb.Gpu | nvs.Gpu) -> None:
-    print(f"{event_type:<9} {gpu.metadata.name}  rv={gpu.metadata.resource_version}  "
-          f"{_conditions(gpu)}", flush=True)
+    _out(f"{event_type:<9} {gpu.metadata.name}  rv={gpu.metadata.resource_version}  "
+         f"{_conditions(gpu)}")
 
 
 async def run_nvsentinel(args: argparse.Namespace) -> int:
@@ -168,13 +180,13 @@ async def run_nvsentinel(args: argparse.Namespace) -> int:
         if args.command == "list":
             listing = (await stub.ListGpus(nvs.ListGpusRequest(namespace=namespace),
                                            timeout=args.timeout)).gpu_list
-            print(json.dumps(_as_dict(listing), indent=2) if args.output == "json"
-                  else _table(listing.items))
+            _out(json.dumps(_as_dict(listing), indent=2) if args.output == "json"
+                 else _table(listing.items))
         elif args.command == "get":
             gpu = (await stub.GetGpu(nvs.GetGpuRequest(name=args.name, namespace=namespace),
                                      timeout=args.timeout)).gpu
-            print(json.dumps(_as_dict(gpu), indent=2) if args.output == "json"
-                  else _table([gpu]))
+            _out(json.dumps(_as_dict(gpu), indent=2) if args.output == "json"
+                 else _table([gpu]))
         elif args.command == "watch":
             version = str(args.resource_version) if args.resource_version else ""
             request = nvs.WatchGpusRequest(namespace=namespace,
@@ -184,8 +196,8 @@ async def run_nvsentinel(args: argparse.Namespace) -> int:
                 await stream.send_message(request, end=True)
                 async for event in stream:
                     if args.output == "json":
-                        print(json.dumps({"type": event.type,
-                                          "object": _as_dict(event.object)}), flush=True)
+                        _out(json.dumps({"type": event.type,
+                                         "object": _as_dict(event.object)}))
                     else:
                         _print_event(event.type, event.object)
                     seen += 1
@@ -209,6 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(run(args))
     except KeyboardInterrupt:
         return 130
+    except OutputClosed:
+        # As Python's docs advise for SIGPIPE: no message (the reader left on purpose), stdout
+        # pointed at /dev/null so the interpreter's final flush does not fail again, status 1.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from _sockets import open_sockets, wait_sockets_closed
 
@@ -245,3 +246,33 @@ async def test_api_nvsentinel_list_get_watch(tmp_path: Path) -> None:
                                   "--count", "2")).splitlines()
             assert [line.split()[:3] for line in lines] == [
                 ["ADDED", GPU_A, "rv=2"], ["DELETED", GPU_A, "rv=3"]]
+
+
+@pytest.mark.parametrize("api", ["device", "nvsentinel"])
+async def test_watch_into_a_reader_that_leaves_exits_quietly(tmp_path: Path, api: str) -> None:
+    """``device-api watch | head -1``: once the reader has gone, the next event ends the CLI
+    with status 1 and nothing on stderr — not "cannot reach the server ... Broken pipe"."""
+    with trio.fail_after(30):
+        async with server(tmp_path, (GPU_A, "True"), nvsentinel_api_socket=(
+                str(tmp_path / "nvsentinel.sock") if api == "nvsentinel" else "")) as rt:
+            socket = (rt.listeners.nvsentinel_socket if api == "nvsentinel"
+                      else rt.listeners.unix_socket)
+            assert socket is not None
+            argv = [*cli_command(), "--api", api, "--unix-socket", socket, "watch"]
+            process = await trio.lowlevel.open_process(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert process.stdout is not None and process.stderr is not None
+            if api == "device":
+                assert b"ADDED" in await process.stdout.receive_some(4096)  # the snapshot
+            await process.stdout.aclose()  # the reader leaves
+            status = "False"
+            while process.poll() is None:  # each write is an event the CLI tries to print
+                await rt.core.store.write(store_ops.UpdateCondition(
+                    GPU_A, pb.Condition(type="Ready", status=status)))
+                status = "True" if status == "False" else "False"
+                with trio.move_on_after(0.2):
+                    await process.wait()
+            stderr = await process.stderr.receive_some(65536)
+            await process.stderr.aclose()
+            assert process.returncode == 1
+            assert stderr == b""
