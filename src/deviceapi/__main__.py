@@ -6,6 +6,7 @@ server could not start (e.g. the socket path is unusable) or its supervision tre
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -57,6 +58,7 @@ async def serve(config: Config) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with open_runtime(config) as runtime:
             log.info("server started", extra={"reason": "serving"})
+            log.debug(f"startup heap frozen: {_freeze_startup_heap()} objects")
             async for signum in signals:
                 log.info("signal received; shutting down",
                          extra={"reason": signal.Signals(signum).name})
@@ -66,6 +68,22 @@ async def serve(config: Config) -> None:
                 await runtime.shutdown()
                 nursery.cancel_scope.cancel()
     log.info("server stopped", extra={"reason": "shutdown complete"})
+
+
+def _freeze_startup_heap() -> int:
+    """Move everything alive once the server is serving (modules, classes, functions, the
+    runtime's own objects: ~50,000 containers) out of the cycle collector's sight, for the
+    process's life; returns how many.
+
+    Why: a full collection walks every tracked object and stops the event loop meanwhile.
+    Under watch churn one ran every 10-20 s over ~80,000-110,000 objects and, with no garbage
+    at all, stalled every delivery for 45-120 ms on the 2-core bench machine (a storm's p99 is
+    then that stall). What is frozen is still freed by refcounting as usual; only a reference
+    cycle among frozen objects would never be collected, and what startup made and later
+    drops in cycles is bounded (a registration's connection, say)."""
+    gc.collect()  # what startup left in cycles goes first, not into the frozen set
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 async def _second_signal(signals: AsyncIterator[int], remove_socket: Callable[[], None]) -> None:

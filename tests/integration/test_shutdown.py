@@ -7,6 +7,7 @@ no traceback.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -196,3 +197,28 @@ async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     assert code == 1
     assert "second signal" in stderr and "Traceback" not in stderr
     assert not await trio.Path(sock).exists()
+
+
+# The server process freezes its startup heap once serving (``gc.freeze``): every full
+# collection afterwards walks only what came later, so its stall of the event loop no longer
+# grows with the ~50,000 containers of modules, classes and functions (docs/BENCHMARKS.md).
+async def test_the_serving_process_freezes_its_startup_heap(tmp_path: Path) -> None:
+    health = free_port()
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "deviceapi", "--simulate", "4",
+         "--unix-socket", str(tmp_path / "device.sock"), "--grpc-address", "",
+         "--health-port", str(health), "--metrics-port", str(free_port()),
+         "--shutdown-delay", "0", "--log-format", "json", "-v", "1"],
+        stderr=subprocess.PIPE)
+    with trio.fail_after(30):
+        await wait_http(health, "/readyz", 200)
+        proc.send_signal(signal.SIGTERM)
+        stderr = await read_stderr(proc)
+        assert await proc.wait() == 0, stderr
+    messages = [json.loads(line)["msg"] for line in stderr.splitlines() if line.startswith("{")]
+    frozen = [m for m in messages if m.startswith("startup heap frozen:")]
+    assert len(frozen) == 1, messages
+    count = int(frozen[0].split()[3])
+    assert count > 10_000, frozen[0]  # the imported modules alone are tens of thousands
+    started = messages.index("server started")
+    assert messages.index(frozen[0]) > started  # frozen once serving, not before

@@ -15,8 +15,8 @@ Graceful stop (SPEC §6) is a sequence the app drives: :meth:`GrpcServer.stop_ac
 the listening sockets; calls on open connections get UNAVAILABLE), then the app ends watch
 streams, then :meth:`GrpcServer.wait_idle` lets in-flight calls finish, then
 :meth:`GrpcServer.close` cancels whatever is left. grpclib's own ``close()`` cancels running
-calls at once, so the first two steps reach its listening socket (``Server._server``): the one
-place we go below its public API here.
+calls at once, so the first two steps reach its listening socket (``Server._server``): one of
+the two places we go below its public API here (the other: :func:`_drop_stored_error`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import traceback
 from collections.abc import Awaitable, Callable, Iterable
@@ -93,6 +94,11 @@ class _InFlight:
                 # cancelled call (each watch that ends with its client) that only a full
                 # collection frees. Their locals are of no use once the call is over.
                 traceback.clear_frames(error.__traceback__)
+                # grpclib keeps its own copy of a terminated call's error: dropped once its
+                # request handler is done with the call.
+                task = asyncio.current_task()
+                if task is not None:
+                    task.add_done_callback(functools.partial(_drop_stored_error, stream))
                 raise
             finally:
                 self.count -= 1
@@ -104,6 +110,23 @@ class _InFlight:
     async def wait_idle(self) -> None:
         """From asyncio: until no call is running."""
         await self._idle.wait()
+
+
+def _drop_stored_error(stream: Any, _task: asyncio.Future[Any]) -> None:
+    """Once grpclib's request handler has finished a failed call, drop the error its wrapper
+    kept (below grpclib's API: ``Stream._stream.wrapper._error``).
+
+    When a client goes away mid-call (each watcher that leaves), grpclib stores a
+    StreamTerminatedError in the protocol stream's wrapper, cancels the call, and raises the
+    stored error as the call unwinds: its traceback holds the request handler's frame, and the
+    frame the wrapper, which holds the error: a cycle through the protocol stream, the HTTP/2
+    connection, the transport and the socket, ~100 objects per connection that only a full
+    collection frees (at 32 conditions a re-sync of 256 watchers left ~37,000, and that
+    collection stalled the loop for 0.1-0.35 s). Dropped, refcounting frees it all when the
+    connection goes. A grpclib without these attributes is left as it is."""
+    wrapper: Any = getattr(getattr(stream, "_stream", None), "wrapper", None)
+    if getattr(wrapper, "_error", None) is not None:
+        wrapper._error = None
 
 
 class _Service:

@@ -431,6 +431,10 @@ def _instrument_handler(path: str, handler: Handler, metrics: ServerMetrics) -> 
             elapsed = time.perf_counter() - start
             code = _handled_code(stream, cardinality, error, sent[0] if sent else None)
             error = None  # no exception → traceback → frame cycle left behind
+            # The shim holds the stream's own bound method: a cycle (stream → shim → stream)
+            # that kept the call's stream, its HTTP/2 connection and transport for a full
+            # collection. grpclib's closing trailers (after this) need no counting.
+            del stream.send_trailing_metadata
             m.handled[code].inc()
             m.seconds.observe(elapsed)
 
