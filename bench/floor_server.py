@@ -42,6 +42,7 @@ from grpclib.server import Server
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
 from deviceapi.proto.device.v1alpha1 import provider_pb2 as ppb
 
+from . import _gc_log
 from ._common import RawMessage
 
 SERVICE = "/nvidia.device.v1alpha1.GpuService/"
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coalesce", action="store_true",
                         help="fan-out floor: one HTTP/2 write per wake-up, not per message")
     args = parser.parse_args(argv)
+    _gc_log.install()  # the bench reads this floor's full collections ($BENCH_GC_LOG)
     with open(args.listing, "rb") as f:
         listing = f.read()
     if os.path.exists(args.socket):

@@ -59,6 +59,7 @@ from grpclib.const import Cardinality
 from deviceapi.proto.device.v1alpha1 import gpu_pb2 as pb
 from deviceapi.providers.sim import simulated_gpu_names
 
+from . import _gc_log
 from ._common import (
     Sampler,
     Window,
@@ -282,7 +283,7 @@ async def start_server(workdir: Path, name: str, sizes: Sizes, log: Path,
     while metrics == health:
         metrics = free_port()
     args = [
-        sys.executable, "-m", "deviceapi",
+        sys.executable, "-m", "bench._gc_log",  # = python -m deviceapi, full GCs logged
         "--unix-socket", socket, "--grpc-address", "",
         "--health-port", str(health), "--metrics-port", str(metrics),
         "--min-gpus", str(sizes.gpus), "--provider-timeout", "120",
@@ -301,12 +302,36 @@ async def start_server(workdir: Path, name: str, sizes: Sizes, log: Path,
     out = log.open("ab")
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(*args, stdout=out, stderr=out,
-                                                stdin=asyncio.subprocess.DEVNULL)
+                                                stdin=asyncio.subprocess.DEVNULL,
+                                                env=gc_log_env(socket))
     out.close()
     server = Server(proc, socket, health, metrics, started)
     if profile is not None:
         server.child_pid = await _child_of(proc.pid)
     return server
+
+
+def gc_log_path(socket: str) -> Path:
+    """Where the server (or floor) listening on ``socket`` logs its full collections."""
+    return Path(socket + ".gc")
+
+
+def gc_summary(path: Path) -> dict[str, Any]:
+    """A whole run's full collections of one process: how many, their pauses, what they
+    freed (objects in reference cycles)."""
+    pauses = _gc_log.read(path, 0.0, math.inf)
+    collected = _gc_log.collected(path)
+    return {"count": len(pauses), "pause_ms": summary([p for _, p in pauses]),
+            "collected_total": sum(collected),
+            "collected_max": max(collected, default=0)}
+
+
+def gc_log_env(socket: str) -> dict[str, str]:
+    """The environment that makes a server or floor log its full collections; the socket's
+    directory, where the log goes, is made first (mode 0750, as the server would make it)."""
+    path = gc_log_path(socket)
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    return {**os.environ, _gc_log.ENV: str(path)}
 
 
 def _children(pid: int) -> list[int]:
@@ -346,7 +371,8 @@ async def floor_servers(workdir: Path, listing: bytes, log: Path,
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "bench.floor_server", "--socket", socket,
                 "--listing", str(path), *flags,
-                stdout=asyncio.subprocess.PIPE, stderr=out, stdin=asyncio.subprocess.DEVNULL)
+                stdout=asyncio.subprocess.PIPE, stderr=out, stdin=asyncio.subprocess.DEVNULL,
+                env=gc_log_env(socket))
             procs[mode] = proc
             assert proc.stdout is not None
             async with asyncio.timeout(30):
@@ -467,6 +493,7 @@ class Bench:
             await self._scenario(server, providers)
         finally:
             self.results["shutdown_s"] = await server.stop()
+            self.results["server_gc"] = gc_summary(gc_log_path(server.socket))
 
     async def _scenario(self, server: Server, providers: list[Worker]) -> None:
         s = self.sizes
@@ -736,6 +763,7 @@ class Bench:
             last = first + len(storm["sent"]) - 1
             drained = await self.wait_progress(last, s.drain_s)
         self.windows.append(box.value)
+        delivered_by = time.monotonic()
         after = await self.server.metrics()
         clients_after = await self.client_stats()
         reports = await asyncio.gather(*(w.call({"cmd": "report"}) for w in self.watchers))
@@ -765,6 +793,10 @@ class Bench:
         begin = min(sent_times, default=0.0)
         gc_pauses = sorted((start - begin, pause) for report in reports
                            for start, pause in report.get("gc_pauses", ()) if start >= begin)
+        # The measured server's (or floor's) own, from its log: (seconds after the first
+        # send, pause seconds), until every watcher had the last update.
+        side_gc = _gc_log.read(gc_log_path(command.get("socket") or self.server.socket),
+                               begin, delivered_by)
         result = {
             "rate": rate, "duration_s": duration, "updates": len(storm["sent"]),
             "achieved_rate": achieved, "write_errors": storm["error_count"],
@@ -787,6 +819,7 @@ class Bench:
             "loadavg_1m": os.getloadavg()[0],
             "started_monotonic": begin,
             "watcher_gc_pauses_s": gc_pauses,
+            "server_gc_pauses_s": side_gc,
             "server_cache_updates": {
                 k.partition("{")[2].rstrip("}"): v - before.get(k, 0.0) for k, v in after.items()
                 if k.startswith("device_api_server_cache_updates_total")
@@ -802,9 +835,9 @@ class Bench:
                  f" ms; achieved {achieved:.0f}/s; not to all: {incomplete}; "
                  f"evictions {result['evictions']:g}; {cpu_key} "
                  f"{result['server_cpu_percent']:.0f}% CPU, machine "
-                 f"{result['machine_cpu_percent']:.0f}% of 200, load {result['loadavg_1m']:.2f}; "
-                 f"watcher full GCs {len(gc_pauses)}, longest "
-                 f"{max((p for _, p in gc_pauses), default=0) * 1000:.0f} ms")
+                 f"{result['machine_cpu_percent']:.0f}% of {_all_cpus()}, "
+                 f"load {result['loadavg_1m']:.2f}; "
+                 f"full GCs: {cpu_key} {_gc_brief(side_gc)}, watchers {_gc_brief(gc_pauses)}")
         if not drained and floor is None:
             await self.recover(label)
         return result
@@ -1063,6 +1096,13 @@ def interleaved_summary(server: list[dict[str, Any]],
     }
 
 
+def _gc_brief(pauses: list[tuple[float, float]]) -> str:
+    """"2 (longest 31 ms)", or "0"."""
+    if not pauses:
+        return "0"
+    return f"{len(pauses)} (longest {max(p for _, p in pauses) * 1000:.0f} ms)"
+
+
 def _sync_label(storm_label: str) -> str:
     """The sampler window of a move back to the server: "sync again" at the first size,
     "sync 32 conditions again" at full load (the table's RSS rows read windows by label)."""
@@ -1081,6 +1121,7 @@ def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The results as a fixed-width table, and the target verdicts."""
     rows: list[tuple[str, str, str, str, str]] = []
     s = results["sizes"]
+    of = _all_cpus(results)
     windows = {w["label"]: w for w in results["windows"]}
     lst = results.get("list")
     un = results.get("unary")
@@ -1120,7 +1161,7 @@ def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         rows.append(("  achieved rate / ack p50 ms / evictions / not-to-all",
                      f"{st['achieved_rate']:.0f}/s / {st['ack_latency_ms']['p50']:.1f} / "
                      f"{st['evictions']:g} / {st['not_delivered_to_all']}", "", "", ""))
-        rows.append(("  CPU %: server / watchers / whole machine (of 200)",
+        rows.append((f"  CPU %: server / watchers / whole machine (of {of})",
                      f"{st['server_cpu_percent']:.0f} / {st['watchers_cpu_percent']:.0f} / "
                      f"{st.get('machine_cpu_percent', math.nan):.0f}", "", "", ""))
         rows.append(("  server RSS max MiB", f"{st['server_rss_max_mib']:.1f}", "", "", ""))
@@ -1139,7 +1180,7 @@ def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         rounds = f" ({st['pooled_rounds']} rounds pooled)" if pooled else ""
         rows.append((f"{label}{rounds}: update→all {s['watchers']} watchers ms", "",
                      _triple(lat), ratio, target + (" (pooled)" if pooled and target else "")))
-        rows.append(("  CPU %: floor / watchers / whole machine (of 200)", "",
+        rows.append((f"  CPU %: floor / watchers / whole machine (of {of})", "",
                      f"{st['server_cpu_percent']:.0f} / {st['watchers_cpu_percent']:.0f} / "
                      f"{st.get('machine_cpu_percent', math.nan):.0f}", "", ""))
         inter = results.get("storm_rounds", {}).get(_server_storm(label))
@@ -1152,7 +1193,7 @@ def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                          f"{inter['pairs_within_target']}/{len(pairs)} pairs met"))
             rows.append(("  median of the per-pair ratios (a check; the verdict is pooled)",
                          "", "", f"x{inter['pair_ratio_median']:.2f}", ""))
-            rows.append(("  whole machine CPU % per round (of 200), load average",
+            rows.append((f"  whole machine CPU % per round (of {of}), load average",
                          " / ".join(f"{p['server_machine_cpu_percent']:.0f}" for p in pairs),
                          " / ".join(f"{p['floor_machine_cpu_percent']:.0f}" for p in pairs),
                          " ".join(f"{p['loadavg_1m']:.1f}" for p in pairs), ""))
@@ -1171,7 +1212,7 @@ def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                      f"{suf['writes_per_s']:.0f} / {suf['ack_latency_ms']['p50']:.1f}",
                      f"x{su['writes_per_s'] / suf['writes_per_s']:.2f}",
                      f"≥ x{TARGETS['sustained_floor_ratio']}"))
-        rows.append(("  CPU %: server / watchers / whole machine (of 200)",
+        rows.append((f"  CPU %: server / watchers / whole machine (of {of})",
                      f"{su['server_cpu_percent']:.0f} / {su.get('watchers_cpu_percent', 0):.0f}"
                      f" / {su.get('machine_cpu_percent', math.nan):.0f}",
                      f"{suf['server_cpu_percent']:.0f} / {suf['watchers_cpu_percent']:.0f} / "
@@ -1205,6 +1246,11 @@ def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     rows.append(("start → READY, --simulate s", f"{sim['ready_s']:.2f}", "", "",
                  f"< {TARGETS['ready_s']:g}"))
     rows.append(("SIGTERM → exit s", f"{results['shutdown_s']:.2f}", "", "", ""))
+    sgc = results.get("server_gc")  # runs before the GC log have none
+    if sgc:
+        rows.append(("server full GCs, whole run: count / pause p50, max ms / objects freed",
+                     f"{sgc['count']} / {sgc['pause_ms']['p50']:.1f}, "
+                     f"{sgc['pause_ms']['max']:.1f} / {sgc['collected_total']}", "", "", ""))
 
     storm100 = results["storms"].get("storm 100/s")
     verdicts: dict[str, tuple[float, bool | None]] = {}
@@ -1375,7 +1421,7 @@ def _resources_plot(results: dict[str, Any], stem: Path, plt: Any) -> str:
     ax.bar([i - 0.2 for i in x], [w["cpu_percent"]["server"] for w in windows], width=0.4,
            label="server CPU % of a core", color="#c63")
     ax.plot(list(x), [w["cpu_percent"].get("machine", math.nan) for w in windows], "k.",
-            label="whole machine CPU % (of 200)")
+            label=f"whole machine CPU % (of {_all_cpus(results)})")
     ax.set_ylabel("CPU %")
     ax_r = ax.twinx()
     ax_r.bar([i + 0.2 for i in x], [w["rss_max_mib"]["server"] for w in windows], width=0.4,
@@ -1447,6 +1493,13 @@ def compare_plot(runs: list[tuple[str, dict[str, Any]]], path: Path) -> str | No
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+def _all_cpus(results: dict[str, Any] | None = None) -> int:
+    """The whole machine's CPU percentage at every core busy (100 per core): a run's own
+    machine when it is given (a saved run redrawn elsewhere), else this one."""
+    cpus = (results or {}).get("machine", {}).get("cpus") or os.cpu_count() or 1
+    return int(cpus) * 100
 
 
 def machine() -> dict[str, Any]:
