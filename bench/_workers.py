@@ -16,9 +16,11 @@ from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+import grpclib.protocol
 from grpclib.client import Channel
 from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+from h2.events import DataReceived
 
 from deviceapi.client import DeviceApiClient
 from deviceapi.client._client import PROVIDER_SERVICE
@@ -144,6 +146,7 @@ class _Recorder:
         self.max_seq = [-1] * informers
         self.events = 0
         self.gc_pauses = _GcPauses()
+        self.frames = _DataFrames()
 
     def handler(self, index: int) -> Callable[[pb.Gpu], None]:
         count, last, max_seq = self.count, self.last, self.max_seq
@@ -172,12 +175,37 @@ class _Recorder:
     def take(self) -> Reply:
         """What was seen since the last take (the handlers keep these very dicts: clear them)."""
         reply = {"count": dict(self.count), "last": dict(self.last), "events": self.events,
-                 "gc_pauses": list(self.gc_pauses.pauses)}
+                 "gc_pauses": list(self.gc_pauses.pauses), "data_frames": self.frames.take()}
         self.count.clear()
         self.last.clear()
         self.events = 0
         self.gc_pauses.clear()
         return reply
+
+
+class _DataFrames:
+    """HTTP/2 DATA frames this process's gRPC connections received since the last take.
+
+    A watch event costs its client a frame's parse and dispatch (grpclib: ~10 µs) unless it
+    shares the frame with others, so events per frame is the fan-out's bill to its clients:
+    on a saturated machine it decides how far behind they fall. Counted where grpclib hands
+    received bytes to h2 (``Connection.feed``), the one place every frame passes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        feed = grpclib.protocol.Connection.feed
+
+        def counting_feed(connection: grpclib.protocol.Connection,
+                          data: bytes) -> list[Any]:
+            events = feed(connection, data)
+            self.count += sum(isinstance(e, DataReceived) for e in events)
+            return events
+
+        grpclib.protocol.Connection.feed = counting_feed  # type: ignore[method-assign]
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
 
 
 class _GcPauses:

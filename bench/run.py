@@ -817,6 +817,7 @@ class Bench:
             "latencies_s": all_latency,
             "ack_latencies_s": acks,
             "loadavg_1m": os.getloadavg()[0],
+            "watcher_data_frames": sum(r["data_frames"] for r in reports),
             "started_monotonic": begin,
             "watcher_gc_pauses_s": gc_pauses,
             "server_gc_pauses_s": side_gc,
@@ -825,6 +826,7 @@ class Bench:
                 if k.startswith("device_api_server_cache_updates_total")
                 and v != before.get(k, 0.0)},
         }
+        result["watcher_frames_per_event"] = _per_event(result)
         if floor is not None:
             result["evictions"] = math.nan  # the floor evicts nobody (unbounded queues)
         if store:
@@ -836,7 +838,8 @@ class Bench:
                  f"evictions {result['evictions']:g}; {cpu_key} "
                  f"{result['server_cpu_percent']:.0f}% CPU, machine "
                  f"{result['machine_cpu_percent']:.0f}% of {_all_cpus()}, "
-                 f"load {result['loadavg_1m']:.2f}; "
+                 f"load {result['loadavg_1m']:.2f}; DATA frames per event "
+                 f"{result['watcher_frames_per_event']:.2f}; "
                  f"full GCs: {cpu_key} {_gc_brief(side_gc)}, watchers {_gc_brief(gc_pauses)}")
         if not drained and floor is None:
             await self.recover(label)
@@ -1043,7 +1046,7 @@ def pool_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     def mean(key: str) -> float:
         return float(sum(r[key] for r in rounds)) / len(rounds)
 
-    return {
+    pooled = {
         "rate": rounds[0]["rate"], "duration_s": sum(r["duration_s"] for r in rounds),
         "updates": sum(r["updates"] for r in rounds), "achieved_rate": mean("achieved_rate"),
         "write_errors": sum(r["write_errors"] for r in rounds),
@@ -1061,10 +1064,19 @@ def pool_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "server_rss_max_mib": max(r["server_rss_max_mib"] for r in rounds),
         "watchers_cpu_percent": mean("watchers_cpu_percent"),
         "machine_cpu_percent": mean("machine_cpu_percent"),
+        "watcher_data_frames": sum(r["watcher_data_frames"] for r in rounds),
         "latencies_s": latencies,
         "pooled_rounds": len(rounds),
         "rounds": rounds,
     }
+    pooled["watcher_frames_per_event"] = _per_event(pooled)
+    return pooled
+
+
+def _per_event(storm: dict[str, Any]) -> float:
+    """DATA frames the watchers received per watch event they got (below 1: coalesced)."""
+    events = storm["deliveries"]["events"]
+    return storm["watcher_data_frames"] / events if events else math.nan
 
 
 def interleaved_summary(server: list[dict[str, Any]],
@@ -1165,6 +1177,8 @@ def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                      f"{st['server_cpu_percent']:.0f} / {st['watchers_cpu_percent']:.0f} / "
                      f"{st.get('machine_cpu_percent', math.nan):.0f}", "", "", ""))
         rows.append(("  server RSS max MiB", f"{st['server_rss_max_mib']:.1f}", "", "", ""))
+        rows.append(("  DATA frames per event at the watchers",
+                     f"{st.get('watcher_frames_per_event', math.nan):.2f}", "", "", ""))
     burst = results.get("connect_burst")
     if burst:
         rows.append((f"{s['watchers']} connections at once: calls failed",
@@ -1183,6 +1197,8 @@ def table(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         rows.append((f"  CPU %: floor / watchers / whole machine (of {of})", "",
                      f"{st['server_cpu_percent']:.0f} / {st['watchers_cpu_percent']:.0f} / "
                      f"{st.get('machine_cpu_percent', math.nan):.0f}", "", ""))
+        rows.append(("  DATA frames per event at the watchers", "",
+                     f"{st.get('watcher_frames_per_event', math.nan):.2f}", "", ""))
         inter = results.get("storm_rounds", {}).get(_server_storm(label))
         if inter and "pooled_rounds" in st:
             pairs = inter["pairs"]

@@ -68,6 +68,8 @@ class RawResponse:
 
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     data: bytearray = dataclasses.field(default_factory=bytearray)
+    #: DATA frames received (a frame may carry several messages, or part of one).
+    frames: int = 0
     trailers: dict[str, str] = dataclasses.field(default_factory=dict)
     reset: ErrorCodes | int | None = None
     ended: bool = False
@@ -120,8 +122,10 @@ class RawH2:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, path: str) -> AsyncIterator[RawH2]:
-        stream = await trio.open_unix_socket(path)
+    async def open(cls, path: str, *, tcp_port: int | None = None) -> AsyncIterator[RawH2]:
+        """A connection to the Unix socket at ``path``, or to ``tcp_port`` on the loopback."""
+        stream = (await trio.open_tcp_stream("127.0.0.1", tcp_port) if tcp_port is not None
+                  else await trio.open_unix_socket(path))
         async with stream:
             raw = cls(stream)
             await raw.flush()
@@ -202,6 +206,7 @@ class RawH2:
         elif isinstance(event, DataReceived):
             if response is not None:
                 response.data += event.data
+                response.frames += 1
             self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         elif isinstance(event, StreamEnded) and response is not None:
             response.ended = True

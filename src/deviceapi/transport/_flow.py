@@ -16,7 +16,10 @@ same seam as _limits.py.
 
 from __future__ import annotations
 
+import fcntl
+import socket
 import struct
+import termios
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +32,10 @@ _PREFIX = struct.Struct(">?I")
 _DATA_HEADER = struct.Struct(">BHBBI")
 #: Stream states in which a server may send DATA (h2: no state change).
 _SENDABLE = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+#: Linux's SIOCOUTQ (the same number as TIOCOUTQ); 0 where the platform has no such ioctl.
+_SIOCOUTQ: int = getattr(termios, "TIOCOUTQ", 0)
+_INT = struct.Struct("i")
+_FOUR = bytes(_INT.size)
 
 
 def frame(message: bytes) -> bytes:
@@ -45,6 +52,8 @@ class StreamWriter:
         self._h2 = self._raw._h2_connection
         self.writing = False
         self._started = False
+        #: Whether the connection is a Unix socket (decided on first use; see client_has_unread).
+        self._unix: bool | None = None
 
     def _window(self) -> int:
         stream_id = self._raw.id
@@ -68,6 +77,23 @@ class StreamWriter:
         if not self._started:
             await self._stream.send_initial_metadata()
             self._started = True
+
+    def client_has_unread(self) -> bool:
+        """Whether the client has not yet read all that was written to this connection.
+
+        On a Unix socket the kernel charges written data to the writer until the reader takes
+        it, and SIOCOUTQ reads that charge. On TCP it would count bytes the peer's kernel has
+        not acknowledged, which says nothing about the client; there (and where the ioctl
+        fails) this answers False."""
+        sock = self._raw._transport.get_extra_info("socket")
+        if self._unix is None:
+            self._unix = sock is not None and _SIOCOUTQ != 0 and sock.family == socket.AF_UNIX
+        if not self._unix or sock is None:
+            return False
+        try:  # the descriptor is looked up each time: a closed one fails (EBADF), never lies
+            return bool(_INT.unpack(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, _FOUR))[0])
+        except OSError:
+            return False
 
     def can_write_now(self) -> bool:
         """Whether :meth:`write_framed` can write at all (headers sent, transport not paused).

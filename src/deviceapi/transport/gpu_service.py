@@ -7,6 +7,7 @@ import collections
 import contextlib
 import dataclasses
 import itertools
+import math
 import traceback
 from collections.abc import Callable
 from typing import Any, cast
@@ -33,6 +34,12 @@ from ._status import rpc_errors
 SERVICE = "nvidia.device.v1alpha1.GpuService"
 #: Events a watch stream takes per wake-up before checking for new ones.
 WATCH_BATCH = 64
+#: The longest a live event waits for a watcher that has not yet read what it was sent before
+#: (see _Pump.flush): two and a half intervals of a 100/s stream of updates, so that a reader
+#: that is behind gets several events per frame, and short against how far behind it already
+#: is (docs/BENCHMARKS.md: 12 ms gathered too little to help).
+LAGGING_HOLD_S = 0.025
+_TIMER_SLACK_S = 0.001
 #: ListGpus answers being written at once (each holds a copy of the whole list).
 LIST_SENDERS = 4
 #: Seconds an evicted stream's message already on its way may take to finish.
@@ -63,7 +70,7 @@ class Face:
     def fanout_statistics(self) -> FanoutStatistics:
         """How live watch events were written (all zero before the first watch)."""
         if self._flusher is None:
-            return FanoutStatistics(0, 0, 0)
+            return FanoutStatistics(0, 0, 0, 0)
         return self._flusher.statistics()
 
     def _errors(self, method: str) -> contextlib.AbstractContextManager[None]:
@@ -211,6 +218,9 @@ class FanoutStatistics:
     written: int
     #: Times a stream could not take its events whole and its task took over.
     handed_over: int
+    #: Times the flusher left a stream's events queued because its client had not yet read
+    #: what it was sent before.
+    held: int
 
 
 #: One run of a batch framed for one write: the bytes (whole gRPC messages), how many of the
@@ -273,9 +283,13 @@ class _Flusher:
         self._written: collections.Counter[str] = collections.Counter()
         self.flushes = 0
         self.handed_over = 0
+        self.held = 0
+        #: The flush that writes what a pass held back, once the hold is over.
+        self._release: asyncio.TimerHandle | None = None
 
     def statistics(self) -> FanoutStatistics:
-        return FanoutStatistics(self.flushes, sum(self._written.values()), self.handed_over)
+        return FanoutStatistics(self.flushes, sum(self._written.values()), self.handed_over,
+                                self.held)
 
     def attach(self, port: CorePort) -> None:
         """A stream starts: listen to the hub while this face has any."""
@@ -290,6 +304,9 @@ class _Flusher:
         if self._streams == 0 and self._port is not None:
             self._port.watch_unlisten(self._on_commit)
             self._port = None
+            if self._release is not None:
+                self._release.cancel()
+                self._release = None
 
     def park(self, pump: _Pump) -> None:
         self._idle[pump] = None
@@ -309,10 +326,25 @@ class _Flusher:
     def _flush(self) -> None:
         self._scheduled = False
         self.flushes += 1
+        self._write()
+
+    def _released(self) -> None:
+        self._release = None
+        self._write()
+
+    def _write(self) -> None:
         now = self.now()  # the janitor's stall clock
         framed: dict[tuple[int, int, int, object, int], tuple[list[Delivery], list[_Chunk]]] = {}
+        release = math.inf
         for pump in list(self._idle):
-            pump.flush(now, framed)
+            until = pump.flush(now, framed)
+            if until is not None:
+                self.held += 1
+                release = min(release, until)
+        if release < math.inf and (self._release is None or self._release.when() > release):
+            if self._release is not None:
+                self._release.cancel()
+            self._release = self._loop.call_at(release, self._released)
         counts, self.counts = self.counts, collections.Counter()
         self._written.update(counts)
         for event_type, n in counts.items():
@@ -341,6 +373,9 @@ class _Pump:
         self._wakeup: asyncio.Future[None] | None = None
         #: Events taken from the subscription that the flusher could not write.
         self._carry: list[Delivery] = []
+        #: When the flusher first left this stream's events queued for its client to catch up
+        #: (host loop time); None while it is not holding any.
+        self._held_since: float | None = None
 
     @property
     def idle(self) -> bool:
@@ -362,19 +397,30 @@ class _Pump:
 
     def flush(self, now: float,
               framed: dict[tuple[int, int, int, object, int],
-                           tuple[list[Delivery], list[_Chunk]]]) -> None:
-        """Write what is queued, now, if the stream is idle and can take it whole.
+                           tuple[list[Delivery], list[_Chunk]]]) -> float | None:
+        """Write what is queued, now, if the stream is idle and can take it whole. When it is
+        left queued because the client is behind: the host-loop time by which it must go.
+
+        A client that has not yet read what it was sent before (bytes of this connection still
+        in its socket) gains nothing from a frame per event: it will read them together, and
+        it pays per frame (a gRPC client parses and dispatches each DATA frame: ~10 µs in
+        grpclib). So its events stay queued, looked at again at each flush, until it has read
+        what it had, for at most ``LAGGING_HOLD_S``, and then go out in one frame. A client
+        that keeps up has nothing unread and gets each event at once.
 
         ``framed``: this flush's framings, shared by the streams at the same place in the log
         (the key pins its batch, so the ids in it name those events for the whole flush)."""
         subscription = self.subscription
         if not self.idle or subscription.end is not None:
-            return
+            return None
         writer = self.writer
         if not writer.can_write_now():
             if subscription.pending:
                 self._hand_over([])
-            return
+            return None
+        until = self._hold_until(writer)
+        if until is not None:
+            return until
         limit = writer.frame_limit
         encode = self._encode
         counts = self._flusher.counts
@@ -387,12 +433,29 @@ class _Pump:
             for data, count, shown in known[1]:
                 if data and not writer.write_framed(data):
                     self._hand_over(batch[done:])
-                    return
+                    return None
                 subscription.delivered_batch(
                     batch if count == len(batch) else batch[done:done + count], now)
                 done += count
                 for event_type, n in shown:
                     counts[event_type] += n
+        return None
+
+    def _hold_until(self, writer: StreamWriter) -> float | None:
+        """When this stream's queued events must go, if they are to wait (see :meth:`flush`)."""
+        if not self.subscription.pending:
+            return None
+        now = self.loop.time()
+        since = self._held_since
+        # Held long enough (a timer may fire up to a clock tick early: that counts as on time),
+        # or the client has read everything: write.
+        if ((since is not None and now >= since + LAGGING_HOLD_S - _TIMER_SLACK_S)
+                or not writer.client_has_unread()):
+            self._held_since = None
+            return None
+        if since is None:
+            since = self._held_since = now
+        return since + LAGGING_HOLD_S
 
     async def send_loop(self) -> None:
         subscription = self.subscription
