@@ -7,6 +7,7 @@ bounded: a client that reads nothing still has its events in its socket after
 from __future__ import annotations
 
 import dataclasses
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ from deviceapi.testing.runtime import (
     wait_until,
 )
 from deviceapi.transport import gpu_service
+from deviceapi.transport._flow import peer_has_unread
 from deviceapi.transport.gpu_service import Face
 
 UPDATES = 10
@@ -158,3 +160,19 @@ async def test_a_watcher_that_reads_nothing_still_gets_its_events_after_the_hold
         await w.read(UPDATES + 1)
     versions = _versions(w.response)
     assert versions == list(range(versions[0], versions[0] + UPDATES + 1))
+
+
+def test_the_unread_check_follows_the_reader_and_a_closed_socket_is_no_error() -> None:
+    """What the hold asks of the kernel, on a real socket pair: unread until the reader takes
+    it; a closed socket (a connection torn down before grpclib noticed, which a chaos run hit
+    inside the flusher) answers False instead of raising."""
+    writer, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with writer, reader:
+        assert not peer_has_unread(writer)
+        writer.sendall(b"x" * 100)
+        assert peer_has_unread(writer)
+        assert reader.recv(4096) == b"x" * 100
+        assert not peer_has_unread(writer)
+        writer.sendall(b"y")
+    assert writer.fileno() == -1
+    assert not peer_has_unread(writer)

@@ -21,7 +21,7 @@ import socket
 import struct
 import termios
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from grpclib.server import Stream
 from h2.connection import ConnectionState
@@ -41,6 +41,25 @@ _FOUR = bytes(_INT.size)
 def frame(message: bytes) -> bytes:
     """The 5-byte gRPC prefix (uncompressed, length) and the message."""
     return _PREFIX.pack(False, len(message)) + message
+
+
+class _Socket(Protocol):
+    def fileno(self) -> int: ...
+
+
+def peer_has_unread(sock: _Socket) -> bool:
+    """Whether the reader of this Unix stream socket (a socket, or asyncio's view of one)
+    has not yet taken all that was written to it: the kernel charges written data to the
+    writer until the reader takes it, and SIOCOUTQ reads that charge. False once the socket is
+    closed (its descriptor is looked up each time, and a connection torn down before grpclib
+    noticed is not an error) or where the ioctl fails."""
+    fd = sock.fileno()
+    if fd < 0:
+        return False
+    try:
+        return bool(_INT.unpack(fcntl.ioctl(fd, _SIOCOUTQ, _FOUR))[0])
+    except OSError:
+        return False
 
 
 class StreamWriter:
@@ -79,21 +98,13 @@ class StreamWriter:
             self._started = True
 
     def client_has_unread(self) -> bool:
-        """Whether the client has not yet read all that was written to this connection.
-
-        On a Unix socket the kernel charges written data to the writer until the reader takes
-        it, and SIOCOUTQ reads that charge. On TCP it would count bytes the peer's kernel has
-        not acknowledged, which says nothing about the client; there (and where the ioctl
-        fails) this answers False."""
+        """Whether the client has not yet read all that was written to this connection
+        (:func:`peer_has_unread` on its Unix socket; False on TCP, where SIOCOUTQ counts bytes
+        the peer's kernel has not acknowledged, which says nothing about the client)."""
         sock = self._raw._transport.get_extra_info("socket")
         if self._unix is None:
             self._unix = sock is not None and _SIOCOUTQ != 0 and sock.family == socket.AF_UNIX
-        if not self._unix or sock is None:
-            return False
-        try:  # the descriptor is looked up each time: a closed one fails (EBADF), never lies
-            return bool(_INT.unpack(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, _FOUR))[0])
-        except OSError:
-            return False
+        return bool(self._unix) and sock is not None and peer_has_unread(sock)
 
     def can_write_now(self) -> bool:
         """Whether :meth:`write_framed` can write at all (headers sent, transport not paused).
